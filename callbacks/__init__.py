@@ -1,0 +1,11 @@
+"""Attacks (FL callbacks) and defenses (aggregators), importable by class name on the CLI.
+
+`--aggregator NAME` and `--callbacks NAME` resolve any class exported here.
+"""
+
+from __future__ import annotations
+
+from fl_lightning.aggregation import Aggregator, FedAvg
+from fl_lightning.hooks import FLCallback
+
+__all__ = ["Aggregator", "FedAvg", "FLCallback"]

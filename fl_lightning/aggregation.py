@@ -1,0 +1,83 @@
+"""Server-side aggregation: the `Aggregator` contract and FedAvg.
+
+Every defense of the paper is an aggregator over the stacked flat client updates
+(`[n_clients, n_params]`, one row per client, on the device): robust rules replace FedAvg, and
+norm clipping / weak DP wrap an inner aggregator. One config key, `aggregator`, spans them all.
+
+FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017 (arXiv:1602.05629).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What an aggregator returns.
+
+    Attributes:
+        update: The step to add to the global model, `[n_params]`.
+        client_weights: The weight each client effectively got, `[n_clients]`, summing to 1 where
+            the rule is a weighted mean (one-hot for Krum, the selection for Multi-Krum, the
+            Weiszfeld weights for RFA); `None` for coordinate-wise rules that have no such weights.
+    """
+
+    update: Tensor
+    client_weights: Tensor | None
+
+
+class Aggregator(ABC):
+    """Turns the round's client updates into one global update.
+
+    Subclasses implement `aggregate`. They must be pure in their inputs (and the generator they are
+    handed): every rank calls them on identical `RoundUpdates`, and a resumed run calls them again.
+    Store each constructor argument under an attribute of the same name: that is how the resolved
+    configuration of a run is written back (`fl_lightning.config.component_config`).
+    """
+
+    @abstractmethod
+    def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
+        """Aggregate one round.
+
+        Args:
+            deltas: Client updates (local minus global model), `[n_clients, n_params]`.
+            weights: Example counts of the clients, `[n_clients]`, float.
+            generator: Seeded by (seed, round) for rules that draw random numbers (weak DP); a CPU
+                generator, so draws do not depend on the device.
+
+        Returns:
+            The aggregate update and the weight each client got.
+        """
+
+    def __call__(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
+        if deltas.ndim != 2 or weights.shape != (deltas.shape[0],):
+            raise ValueError(f"expected deltas [n, n_params] and weights [n], got {tuple(deltas.shape)} and "
+                             f"{tuple(weights.shape)}")
+        return self.aggregate(deltas, weights.to(deltas.dtype), generator)
+
+
+class FedAvg(Aggregator):
+    """Example-count weighted mean of the client updates (the paper's no-defense baseline)."""
+
+    def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
+        client_weights = weights / weights.sum()  # [n]
+        return Aggregate(update=weighted_sum(deltas, client_weights), client_weights=client_weights)
+
+
+def weighted_sum(rows: Tensor, weights: Tensor) -> Tensor:
+    """`sum_i weights[i] * rows[i]` over `rows [n, n_params]`, accumulated row after row.
+
+    A matrix-vector product would be as fast, but BLAS splits its reduction by thread count, so
+    the result would change in the last bits with the number of processes; element-wise adds do
+    not, which keeps the global model bitwise equal on 1 and N processes.
+    """
+    total = torch.zeros_like(rows[0])
+    for weight, row in zip(weights.tolist(), rows):
+        total.add_(row, alpha=weight)
+    return total

@@ -1,0 +1,98 @@
+"""Where data lives and how it arrives: the data root, verified downloads, pickle-free loading.
+
+Data root: `--data_dir`, else `$FL_LIGHTNING_DATA`, else `~/.cache/fl_lightning`. Each task converts
+its dataset once into the layout of the offline copy (`.npz`, `.csv.gz`, `.jsonl`) and reuses it.
+Downloads go to a temporary file, are checked against a sha256 when one is known, then renamed
+into place, so an interrupted download never leaves a half file that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+DATA_ENV = "FL_LIGHTNING_DATA"
+DEFAULT_DATA_DIR = Path("~/.cache/fl_lightning")
+
+
+class DataError(RuntimeError):
+    """Data that is missing, cannot be fetched or fails verification."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """The data root: the argument, else `$FL_LIGHTNING_DATA`, else `~/.cache/fl_lightning` (created).
+
+    A root that was asked for explicitly (argument or environment) must exist: a typo should fail
+    loudly, not download gigabytes into a fresh folder.
+    """
+    if data_dir is not None:
+        path, origin = Path(data_dir).expanduser(), "--data_dir"
+    elif os.environ.get(DATA_ENV):
+        path, origin = Path(os.environ[DATA_ENV]).expanduser(), f"${DATA_ENV}"
+    else:
+        path = DEFAULT_DATA_DIR.expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if not path.is_dir():
+        raise DataError(f"data directory {str(path)!r} (from {origin}) does not exist; point --data_dir or "
+                        f"{DATA_ENV} at an existing folder, or unset both to use {DEFAULT_DATA_DIR}")
+    return path
+
+
+def sha256_of(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Downloads `url` to `dest` (atomically), verifying its sha256 when given; reuses a verified `dest`.
+
+    Raises:
+        DataError: The download failed or its checksum does not match (the bad file is removed).
+    """
+    dest = Path(dest)
+    if dest.exists() and (sha256 is None or sha256_of(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"could not download {url}: {err}") from err
+    if sha256 is not None and (actual := sha256_of(partial)) != sha256:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}")
+    os.replace(partial, dest)
+    return dest
+
+
+def load_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Loads arrays from an `.npz` without pickle, checking that `keys` are present."""
+    if not Path(path).is_file():
+        raise DataError(f"missing data file {path}")
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [k for k in keys or () if k not in archive.files]
+        if missing:
+            raise DataError(f"{path} lacks arrays {missing}; it has {archive.files}")
+        return {name: archive[name] for name in (keys or archive.files)}
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    """Writes arrays to an `.npz` atomically (write, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part.npz")
+    np.savez(partial, **arrays)
+    os.replace(partial, path)
+    return path

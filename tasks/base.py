@@ -1,0 +1,194 @@
+"""The task contract: a LightningModule plus its federated data.
+
+A task file in `tasks/` holds one `Task` subclass: the model, `training_step` (returns the loss),
+`validation_step` (returns sums, so counts can be added across ranks), the paper's
+hyperparameters as presets, and `build_data`, which returns the task's `FederatedData`: the
+training tensors once, the clients as index arrays into them, the main test set and the
+edge-case (backdoor) sets.
+
+A task never calls `self.log`: the orchestrator owns logging, and per-client per-step logging
+would flood W&B.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What a task is built from (the resolved run configuration, as the task sees it).
+
+    Attributes:
+        data_dir: The data root (`--data_dir`, else `$FL_LIGHTNING_DATA`, else `~/.cache/fl_lightning`).
+        num_clients: K, the number of clients to partition the training data into.
+        seed: The run seed: the partition and every edge-case draw derive from it.
+        model: A model variant the task knows by name (capacity experiments), or None for the preset.
+        source: A data source the task knows by name (e.g. `mnist` for the `emnist` task), or None.
+        partition: `dirichlet`, `iid` or `natural` (per user), or None for the task's preset.
+        alpha: Concentration of the Dirichlet partition.
+        attack_case: Where the edge-case examples live: `edge` (all with the attacker),
+            `almost_edge` (honest clients also hold some with their true label) or `normal`.
+        download: Whether a missing dataset may be downloaded into `data_dir`.
+    """
+
+    data_dir: Path
+    num_clients: int
+    seed: int = 0
+    model: str | None = None
+    source: str | None = None
+    partition: str | None = None
+    alpha: float = 0.5
+    attack_case: str = "edge"
+    download: bool = True
+
+
+@dataclass
+class ClientPartition:
+    """Clients as slices of one index array (CSR layout): memory and lookups do not grow per client.
+
+    Attributes:
+        order: Indices into the training tensors, client after client, `[n_assigned]` int64.
+        offsets: Client `c` holds `order[offsets[c]:offsets[c + 1]]`, `[num_clients + 1]` int64.
+    """
+
+    order: Tensor
+    offsets: Tensor
+
+    @classmethod
+    def from_lists(cls, client_indices: list[np.ndarray] | list[Tensor]) -> ClientPartition:
+        """Builds the CSR layout from one index array per client."""
+        sizes = torch.tensor([len(ix) for ix in client_indices], dtype=torch.int64)
+        offsets = torch.zeros(len(client_indices) + 1, dtype=torch.int64)
+        torch.cumsum(sizes, 0, out=offsets[1:])
+        order = torch.cat([torch.as_tensor(np.asarray(ix), dtype=torch.int64) for ix in client_indices])
+        return cls(order=order, offsets=offsets)
+
+    @property
+    def num_clients(self) -> int:
+        return self.offsets.numel() - 1
+
+    def indices(self, client_id: int) -> Tensor:
+        """Indices of one client's examples, `[n_client]`."""
+        return self.order[self.offsets[client_id]:self.offsets[client_id + 1]]
+
+    def sizes(self) -> Tensor:
+        """Examples per client, `[num_clients]`."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+@dataclass
+class FederatedData:
+    """A task's data, loaded once per process.
+
+    Attributes:
+        train_inputs: All training inputs, `[N, ...]`; clients hold index arrays into it.
+        train_targets: All training targets, `[N, ...]`.
+        partition: Which rows each client holds.
+        test_inputs: Main-task test inputs.
+        test_targets: Main-task test targets.
+        backdoor_inputs: Edge-case test inputs (the target task), or None when the task has none.
+        backdoor_targets: The attacker's labels for them (backdoor accuracy = share predicted so).
+        edge_train_inputs: The attacker's poisoned training set (edge examples already relabelled
+            to the target, mixed with clean examples), or None.
+        edge_train_targets: Its targets.
+        extras: Task-specific tensors (e.g. the attacker's clean subset for the prox attack).
+    """
+
+    train_inputs: Tensor
+    train_targets: Tensor
+    partition: ClientPartition
+    test_inputs: Tensor
+    test_targets: Tensor
+    backdoor_inputs: Tensor | None = None
+    backdoor_targets: Tensor | None = None
+    edge_train_inputs: Tensor | None = None
+    edge_train_targets: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_clients(self) -> int:
+        return self.partition.num_clients
+
+    def client_data(self, client_id: int) -> Batch:
+        """One client's examples, gathered with one `index_select` per tensor."""
+        idx = self.partition.indices(client_id).to(self.train_inputs.device)
+        return self.train_inputs.index_select(0, idx), self.train_targets.index_select(0, idx)
+
+    def to(self, device: torch.device | str) -> FederatedData:
+        """Moves every tensor to `device` (once, before training; batches are then slices on the device)."""
+        moved = {name: (value.to(device) if isinstance(value, Tensor) else value)
+                 for name, value in vars(self).items() if name not in ("partition", "extras")}
+        return FederatedData(partition=self.partition, extras={k: v.to(device) for k, v in self.extras.items()},
+                             **moved)
+
+
+def iterate_batches(inputs: Tensor, targets: Tensor, batch_size: int, generator: torch.Generator,
+                    drop_last: bool = False) -> Iterator[Batch]:
+    """Shuffled mini-batches of one client's data (the last partial batch kept unless `drop_last`).
+
+    The permutation is drawn on the CPU from `generator`, so the order does not depend on the device.
+    """
+    num_examples = inputs.shape[0]
+    perm = torch.randperm(num_examples, generator=generator).to(inputs.device)
+    stop = num_examples - num_examples % batch_size if drop_last else num_examples
+    for start in range(0, stop, batch_size):
+        idx = perm[start:start + batch_size]
+        yield inputs.index_select(0, idx), targets.index_select(0, idx)
+
+
+class Task(L.LightningModule, ABC):
+    """Base class of the federated tasks.
+
+    Class attributes (the paper's presets; the CLI's `None` means "take these"):
+        name: Registry name (`--task NAME`).
+        fl_preset: Defaults for the `fl` group (rounds, num_clients, clients_per_round, ...).
+        client_preset: Defaults for the `client` group (lr, lr_decay, momentum, ...).
+        data_preset: Defaults for the `data` group (partition, source, ...).
+        backdoor_target: The label the edge-case backdoor forces, or None.
+        drop_last: Whether local training skips the last partial batch (the Sentiment140 reference does).
+    """
+
+    name: ClassVar[str]
+    fl_preset: ClassVar[dict[str, Any]] = {}
+    client_preset: ClassVar[dict[str, Any]] = {}
+    data_preset: ClassVar[dict[str, Any]] = {}
+    backdoor_target: ClassVar[int | None] = None
+    drop_last: ClassVar[bool] = False
+
+    def __init__(self, settings: TaskSettings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def prepare_data(self) -> None:
+        """Downloads and converts the task's data into `settings.data_dir` if missing (rank 0 first)."""
+
+    @abstractmethod
+    def build_data(self) -> FederatedData:
+        """Loads the task's tensors and partitions them over `settings.num_clients` clients."""
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Returns the mean loss of one mini-batch (the orchestrator calls backward and the optimizer)."""
+        inputs, targets = batch
+        return torch.nn.functional.cross_entropy(self(inputs), targets)
+
+    @torch.no_grad()
+    def validation_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        """Returns sums over the batch: `correct`, `total` and `loss_sum` (added over ranks, divided once)."""
+        inputs, targets = batch
+        logits = self(inputs)
+        loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        correct = (logits.argmax(dim=1) == targets).sum()
+        return {"correct": correct.float(), "total": torch.tensor(float(targets.shape[0]), device=logits.device),
+                "loss_sum": loss_sum.float()}
