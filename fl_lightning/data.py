@@ -9,7 +9,9 @@ into place, so an interrupted download never leaves a half file that looks finis
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import pickle
 import shutil
 import urllib.request
 from pathlib import Path
@@ -96,3 +98,68 @@ def save_npz(path: Path, **arrays: np.ndarray) -> Path:
     np.savez(partial, **arrays)
     os.replace(partial, path)
     return path
+
+
+# The globals a pickled plain `numpy.ndarray` needs (protocol 2-5, numpy 1.x and 2.x module names).
+_NUMPY_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5 buffers
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+})
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that can rebuild plain numpy arrays and refuses every other global.
+
+    Code execution through pickle goes through `find_class` (REDUCE needs a callable, which must
+    be looked up as a global), so refusing all globals but the array constructors refuses any
+    payload that tries to run code: `os.system`, `builtins.eval`, `subprocess.Popen`, ...
+    """
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _NUMPY_PICKLE_GLOBALS:
+            raise DataError(f"refusing to unpickle global {module}.{name}: only plain numpy arrays are allowed")
+        if name == "_reconstruct":
+            # numpy 2 moved `numpy.core` to `numpy._core`; resolve directly, without the deprecated alias.
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy 1.x
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        if name == "_frombuffer":
+            try:
+                from numpy._core.numeric import _frombuffer
+            except ImportError:  # numpy 1.x
+                from numpy.core.numeric import _frombuffer
+            return _frombuffer
+        return np.ndarray if name == "ndarray" else np.dtype
+
+    def persistent_load(self, pid):
+        raise DataError("refusing to unpickle a persistent id: only plain numpy arrays are allowed")
+
+
+def load_numpy_pickle(source: Path | bytes) -> np.ndarray:
+    """Reads a pickle that holds one plain `numpy.ndarray` (the paper's Southwest `.pkl` files), safely.
+
+    Args:
+        source: A file path or the pickle's bytes.
+
+    Raises:
+        DataError: The pickle names any global other than numpy's array constructors, or does not
+            hold an ndarray of a plain (non-object) dtype.
+    """
+    data = Path(source).read_bytes() if isinstance(source, (str, os.PathLike)) else bytes(source)
+    try:
+        value = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+    except DataError:
+        raise
+    except Exception as err:  # a malformed pickle: report it as bad data, whatever the parser raised
+        raise DataError(f"not a readable numpy pickle: {err}") from err
+    if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+        raise DataError(f"expected a plain numpy array in the pickle, got {type(value).__name__}")
+    return value
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """Hex sha256 of an array's C-order bytes: verifies converted content independently of the file format."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()

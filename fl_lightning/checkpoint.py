@@ -1,0 +1,69 @@
+"""Run state on disk: one safetensors file per checkpoint, written atomically, no pickle.
+
+The file holds the flat global model (`global_params`) and, in its string metadata, a JSON record
+of everything else a resume needs (the round, the task, the W&B run id, callback state). Because
+all randomness derives from (seed, round, client), that is the whole state: a run resumed from
+round t continues bitwise as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+MODEL_NAME = "model.safetensors"
+
+
+def save_checkpoint(path: Path, global_params: Tensor, state: dict[str, Any]) -> Path:
+    """Writes `global_params` and the JSON `state` to `path`: temporary file, fsync, then rename.
+
+    A kill at any moment leaves either the previous checkpoint or the new one, never half a file.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".tmp")
+    save_file({"global_params": global_params.detach().float().cpu().contiguous()}, str(partial),
+              metadata={"state": json.dumps(state)})
+    with open(partial, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[Tensor, dict[str, Any]]:
+    """Reads a checkpoint written by `save_checkpoint`: (flat global model on CPU, state)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if "global_params" not in handle.keys() or "state" not in metadata:
+            raise ValueError(f"{path} is not an fl_lightning checkpoint (no global_params / state)")
+        return handle.get_tensor("global_params"), json.loads(metadata["state"])
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file from a path that may be a run directory (prefers the resumable checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (CHECKPOINT_NAME, MODEL_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"run directory {path} holds neither {CHECKPOINT_NAME} nor {MODEL_NAME}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    return path
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A checkpoint tensor on the run's device, float32."""
+    return tensor.to(device=device, dtype=torch.float32)

@@ -1,0 +1,167 @@
+"""Typed argument groups of the CLI, the task presets that fill them, and input validation.
+
+Fields of `fl`, `client` and `data` that default to `None` mean "the task's paper preset"
+(litgpt's `precision=None` pattern): `resolve_args` fills them in one place, and the resolved values
+are what is saved to `config.yaml` and logged, so `--config runs/<name>/config.yaml` reproduces a
+run exactly. Each field's docstring becomes its `--help` text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A bad setting, caught before any work starts; the message names the field and what is allowed."""
+
+
+@dataclass
+class FLArgs:
+    """Federated-learning settings."""
+
+    rounds: int | None = None
+    """Number of federated rounds (None: the task's preset)."""
+    num_clients: int | None = None
+    """K, the number of clients the training data is split over (None: preset)."""
+    clients_per_round: int | None = None
+    """m, the clients sampled per round (None: preset)."""
+    server_lr: float = 1.0
+    """Server step size: global += server_lr * aggregate (1.0 is FedAvg)."""
+    eval_every: int = 1
+    """Evaluate main-task and backdoor accuracy every this many rounds (0: only at the end)."""
+    eval_batch_size: int = 64
+    """Evaluation batch size (64 is faster than 1000 on CPUs; raise it on GPUs)."""
+    checkpoint_every: int = 10
+    """Save a resumable checkpoint every this many rounds (0: only at the end)."""
+
+
+@dataclass
+class ClientArgs:
+    """Local training of every client: a fresh SGD optimizer per client per round."""
+
+    lr: float | None = None
+    """Learning rate at round 1 (None: preset)."""
+    lr_decay: float | None = None
+    """Per-round decay gamma: the lr of round t is lr * gamma ** (t - 1) (None: preset)."""
+    momentum: float | None = None
+    """SGD momentum (None: preset)."""
+    weight_decay: float | None = None
+    """SGD weight decay (None: preset)."""
+    local_epochs: int | None = None
+    """Local epochs per round (None: preset)."""
+    batch_size: int | None = None
+    """Local mini-batch size (None: preset)."""
+    grad_clip_norm: float | None = None
+    """Clip each step's gradient norm to this (0: off; None: preset)."""
+
+
+@dataclass
+class DataArgs:
+    """Which data a task loads and how it is split."""
+
+    source: str | None = None
+    """Data source, when a task has several (e.g. `mnist` for the `emnist` task; None: preset)."""
+    partition: Literal["dirichlet", "iid", "natural"] | None = None
+    """How the training set is split over clients (None: preset)."""
+    alpha: float = 0.5
+    """Dirichlet concentration of the `dirichlet` partition (smaller: more label skew)."""
+    attack_case: Literal["edge", "almost_edge", "normal"] = "edge"
+    """Who holds the edge-case examples: only the attacker, or honest clients too (with true labels)."""
+    download: bool = True
+    """Download a missing dataset into the data root (False: fail instead)."""
+
+
+@dataclass
+class LogArgs:
+    """Where metrics go."""
+
+    logger: Literal["wandb", "csv", "none"] = "wandb"
+    """`wandb` (online with credentials, else offline) plus metrics.csv; `csv`: metrics.csv only; `none`."""
+    project: str = "fl_lightning"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user; None: your default)."""
+    group: str | None = None
+    """W&B run group (e.g. the sweep or experiment name)."""
+    tags: list[str] | None = None
+    """W&B tags."""
+    progress_bar: bool = True
+    """Show a rich progress bar over rounds (plain lines when the output is not a terminal)."""
+
+
+def resolve_args(preset: dict[str, Any], args: Any) -> Any:
+    """Fills the `None` fields of a dataclass group from a task preset."""
+    filled = {f.name: preset[f.name] for f in fields(args) if getattr(args, f.name) is None and f.name in preset}
+    return replace(args, **filled)
+
+
+def validate_args(fl: FLArgs, client: ClientArgs, task_name: str) -> None:
+    """Checks the resolved settings; raises one `ConfigError` listing every problem."""
+    problems = []
+    for group, args in (("fl", fl), ("client", client)):
+        for f in fields(args):
+            if getattr(args, f.name) is None:
+                problems.append(f"--{group}.{f.name} has no value and task {task_name!r} has no preset for it")
+
+    def positive(group: str, name: str, value: float | None) -> None:
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            problems.append(f"--{group}.{name} must be > 0, got {value!r}")
+
+    def non_negative(group: str, name: str, value: float | None) -> None:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            problems.append(f"--{group}.{name} must be >= 0, got {value!r}")
+
+    for name in ("rounds", "num_clients", "clients_per_round", "server_lr", "eval_batch_size"):
+        positive("fl", name, getattr(fl, name))
+    for name in ("eval_every", "checkpoint_every"):
+        non_negative("fl", name, getattr(fl, name))
+    for name in ("lr", "local_epochs", "batch_size"):
+        positive("client", name, getattr(client, name))
+    for name in ("momentum", "weight_decay", "grad_clip_norm"):
+        non_negative("client", name, getattr(client, name))
+    if client.lr_decay is not None and not 0 < client.lr_decay <= 1:
+        problems.append(f"--client.lr_decay must be in (0, 1], got {client.lr_decay!r}")
+    if fl.num_clients and fl.clients_per_round and fl.clients_per_round > fl.num_clients:
+        problems.append(f"--fl.clients_per_round={fl.clients_per_round} is larger than "
+                        f"--fl.num_clients={fl.num_clients}; it must be in 1..{fl.num_clients}")
+    if problems:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+def component_config(obj: Any) -> dict[str, Any]:
+    """`{class_path, init_args}` of an aggregator or callback, read back from its attributes.
+
+    Components store each constructor argument under an attribute of the same name; a nested
+    component (e.g. the inner aggregator of norm clipping) is described recursively.
+    """
+    cls = type(obj)
+    init_args = {}
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if not hasattr(obj, name):
+            raise TypeError(f"{cls.__name__} must store its constructor argument {name!r} as an attribute")
+        value = getattr(obj, name)
+        init_args[name] = component_config(value) if hasattr(value, "__dict__") and not isinstance(
+            value, type) else value
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def group_dict(args: Any) -> dict[str, Any]:
+    """A dataclass group as a plain dict (for config.yaml and W&B)."""
+    return asdict(args)
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config to dotted keys (`fl.rounds`), the same keys the sweeps use."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

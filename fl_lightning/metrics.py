@@ -1,0 +1,50 @@
+"""Per-round metrics computed from the gathered updates and the aggregate (identical on every rank)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fl_lightning.aggregation import Aggregate
+from fl_lightning.client import RoundUpdates
+
+
+def reject_non_finite(updates: RoundUpdates) -> tuple[RoundUpdates, list[int]]:
+    """Drops updates holding a NaN or an infinity; returns the kept updates and the rejected client ids."""
+    finite = torch.isfinite(updates.deltas).all(dim=1).cpu()  # [n]
+    if bool(finite.all()):
+        return updates, []
+    rejected = updates.client_ids[~finite].tolist()
+    return updates.select(finite), rejected
+
+
+def round_metrics(updates: RoundUpdates, aggregate: Aggregate, num_rejected: int) -> dict[str, float]:
+    """Losses, update norms and the weight the aggregator gave to adversaries.
+
+    Benign and adversarial statistics are kept apart (the adversary mask is ground truth known to
+    the simulator, used here and nowhere in aggregation). Callback statistics carried in
+    `updates.stats` are averaged over the clients that report them.
+    """
+    adv = updates.is_adversary
+    norms = updates.deltas.norm(dim=1).cpu() if updates.deltas.shape[0] else torch.zeros(0)  # [n]
+    metrics: dict[str, float] = {
+        "num_adversaries": float(adv.sum()),
+        "rejected_updates": float(num_rejected),
+        "aggregate_norm": float(aggregate.update.norm()),
+    }
+    _mean_into(metrics, "train_loss", updates.losses)
+    _mean_into(metrics, "train_loss_benign", updates.losses[~adv])
+    _mean_into(metrics, "train_loss_adv", updates.losses[adv])
+    _mean_into(metrics, "update_norm_mean", norms)
+    _mean_into(metrics, "update_norm_benign", norms[~adv])
+    _mean_into(metrics, "update_norm_adv", norms[adv])
+    if aggregate.client_weights is not None:
+        metrics["adversary_weight"] = float(aggregate.client_weights.cpu()[adv].sum())
+    for key in sorted({k for stats in updates.stats for k in stats}):
+        _mean_into(metrics, key, torch.tensor([s[key] for s in updates.stats if key in s], dtype=torch.float64))
+    return metrics
+
+
+def _mean_into(metrics: dict[str, float], key: str, values: Tensor) -> None:
+    if values.numel():
+        metrics[key] = float(values.double().mean())
