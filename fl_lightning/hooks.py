@@ -6,17 +6,17 @@ client hooks on the rank that trains the client), so any decision in them must b
 of (seed, round_idx, client_id) and the hook's arguments: that is what keeps results the same on 1
 and N processes and after a resume.
 
-| hook                      | when                                   | arguments                  | may change              |
-|---------------------------|----------------------------------------|----------------------------|-------------------------|
-| `on_fit_start`            | after data and model are built         | task, data, fabric, seed   | own state               |
-| `on_round_start`          | after client selection                 | round_idx, plan            | `plan.is_adversary`     |
-| `on_client_start`         | before a client's local training       | ctx                        | ctx data, lr, epochs... |
-| `on_after_optimizer_step` | after every local optimizer step       | ctx, batch_idx             | the model (projection)  |
-| `on_client_end`           | after local training, before sending   | ctx, update                | `update.delta` in place |
-| `on_before_aggregate`     | after gathering, before the aggregator | updates, round_idx         | `updates.deltas` rows   |
-| `on_after_aggregate`      | after the aggregator                   | aggregate, round_idx       | nothing (inspect)       |
-| `on_round_end`            | after evaluation, before logging       | round_idx, metrics         | add keys to `metrics`   |
-| `on_fit_end`              | after the last round                   | (none)                     | own state               |
+| hook | when | arguments | may change |
+|---|---|---|---|
+| `on_fit_start` | after data and model are built | task, data, fabric, seed | own state |
+| `on_round_start` | after client selection | round_idx, plan | `plan.is_adversary` |
+| `on_client_start` | before a client's local training | ctx | ctx data, lr, epochs... |
+| `on_after_optimizer_step` | after every local optimizer step | ctx, batch_idx | the model (projection) |
+| `on_client_end` | after local training, before sending | ctx, update | `update.delta` in place |
+| `on_before_aggregate` | after gathering, before the aggregator | updates, round_idx | `updates.deltas` rows |
+| `on_after_aggregate` | after the aggregator | aggregate, round_idx | nothing (inspect) |
+| `on_round_end` | after evaluation, before logging | round_idx, metrics | add keys to `metrics` |
+| `on_fit_end` | after the last round | (none) | own state |
 
 Per-client values a callback wants logged go into `update.stats` (on the training rank): they are
 gathered with the update, so rank 0 can log them whichever rank trained the client.
