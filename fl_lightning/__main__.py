@@ -10,15 +10,19 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
 from jsonargparse import CLI
 
-import fl_lightning.callbacks  # noqa: F401  (registers the aggregators and callbacks for class-name shorthand)
+import fl_lightning.callbacks as components
+from fl_lightning.aggregation import Aggregator
 from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError
+from fl_lightning.hooks import FLCallback
 from fl_lightning.orchestrator import fit, validate
+from fl_lightning.tasks import TASKS
 
 COMMANDS = {"fit": fit, "validate": validate}
 
@@ -27,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     """Runs the CLI; a bad setting ends with a one-paragraph error and exit status 2, no traceback."""
     argv = with_resume_config(list(sys.argv[1:] if argv is None else argv))
     try:
+        check_names(argv)
         CLI(COMMANDS, args=argv, as_positional=False, prog="python -m fl_lightning",
             description=__doc__.split("\n\n")[0])
     except (ConfigError, DataError, FileNotFoundError) as err:
@@ -47,6 +52,29 @@ def with_resume_config(argv: list[str]) -> list[str]:
         if value and (Path(value) / "config.yaml").is_file():
             return ["fit", "--config", str(Path(value) / "config.yaml"), *argv[1:]]
     return argv
+
+
+def registered(base: type) -> list[str]:
+    """Names of the concrete `base` subclasses exported by `fl_lightning.callbacks`."""
+    return sorted(name for name in components.__all__ if inspect.isclass(cls := getattr(components, name))
+                  and issubclass(cls, base) and cls is not base and not inspect.isabstract(cls))
+
+
+def check_names(argv: list[str]) -> None:
+    """Rejects an unknown bare task, aggregator or callback name with the list of valid ones.
+
+    jsonargparse would reject them too, but its message does not say what is allowed. Dotted class
+    paths (your own classes) are left to jsonargparse.
+    """
+    choices = {"--task": sorted(TASKS), "--aggregator": registered(Aggregator), "--callbacks": registered(FLCallback),
+               "--callbacks+": registered(FLCallback)}
+    for i, arg in enumerate(argv):
+        option, _, value = arg.partition("=")
+        if option in choices and not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if option in choices and value.isidentifier() and value not in choices[option]:
+            kind = option.strip("-+").rstrip("s")
+            raise ConfigError(f"unknown {kind} {value!r} for {option.rstrip('+')}; valid: {', '.join(choices[option])}")
 
 
 if __name__ == "__main__":
