@@ -14,11 +14,15 @@ from safetensors.torch import load_file
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None,
+def run_cli(*args: str, cwd: Path, check: bool = True, env: dict[str, str | None] | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m fl_lightning ARGS` with the test callbacks importable; never reads stdin."""
+    """`python -m fl_lightning ARGS` with the test callbacks importable; never reads stdin.
+
+    `env` entries override the environment; a value of None removes the variable.
+    """
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
                 "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), **(env or {})}
+    full_env = {key: value for key, value in full_env.items() if value is not None}
     proc = subprocess.run([sys.executable, "-m", "fl_lightning", *args], cwd=cwd, env=full_env, text=True,
                           capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
     if check and proc.returncode != 0:
