@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from fl_lightning.aggregation import Aggregator, FedAvg
+from fl_lightning.callbacks.edge_case import EdgeCaseAttack
 from fl_lightning.hooks import FLCallback
 
-__all__ = ["Aggregator", "FedAvg", "FLCallback"]
+__all__ = ["Aggregator", "EdgeCaseAttack", "FedAvg", "FLCallback"]

@@ -53,6 +53,7 @@ class LocalTraining:
         inputs: The client's training inputs (hooks may swap in a poisoned set).
         targets: Their targets.
         lr: Learning rate of this round (decay applied).
+        lr_scale: The round's decay factor `lr_decay ** (round_idx - 1)` (attacks decay their own lr and eps by it).
         epochs: Local epochs.
         batch_size: Mini-batch size.
         momentum: SGD momentum.
@@ -73,6 +74,7 @@ class LocalTraining:
     inputs: Tensor
     targets: Tensor
     lr: float
+    lr_scale: float
     epochs: int
     batch_size: int
     momentum: float
@@ -149,7 +151,12 @@ def load_flat_params_(module: nn.Module, flat: Tensor) -> None:
 
 def client_lr(client: ClientArgs, round_idx: int) -> float:
     """The reference's per-round decay: `lr * lr_decay ** (round_idx - 1)`."""
-    return client.lr * client.lr_decay ** (round_idx - 1)
+    return client.lr * lr_scale(client, round_idx)
+
+
+def lr_scale(client: ClientArgs, round_idx: int) -> float:
+    """The decay factor of a round, `lr_decay ** (round_idx - 1)`."""
+    return client.lr_decay ** (round_idx - 1)
 
 
 def train_client(fabric: Fabric, task: Task, ctx: LocalTraining, step_hooks: bool) -> ClientUpdate:
@@ -167,9 +174,26 @@ def train_client(fabric: Fabric, task: Task, ctx: LocalTraining, step_hooks: boo
     torch.manual_seed(ctx.seed)
     load_flat_params_(task, ctx.global_params)
     fabric.call("on_client_start", ctx=ctx)
-    params = [p for p in task.parameters() if p.requires_grad]
     if ctx.optimizer is None:
-        ctx.optimizer = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+        ctx.optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=ctx.lr,
+                                        momentum=ctx.momentum, weight_decay=ctx.weight_decay)
+    mean_loss = run_local_epochs(fabric, task, ctx, step_hooks)
+    update = ClientUpdate(
+        slot=ctx.slot, client_id=ctx.client_id, delta=flat_params(task) - ctx.global_params,
+        num_examples=ctx.num_examples if ctx.num_examples is not None else int(ctx.inputs.shape[0]),
+        loss=mean_loss, is_adversary=ctx.is_adversary,
+    )
+    fabric.call("on_client_end", ctx=ctx, update=update)
+    return update
+
+
+def run_local_epochs(fabric: Fabric, task: Task, ctx: LocalTraining, step_hooks: bool) -> float:
+    """`ctx.epochs` epochs of `ctx.optimizer` steps on `ctx`'s data; returns the mean loss.
+
+    No client hooks fire here except the per-step one (when `step_hooks`), so attacks can reuse it
+    for side training (the prox attack's estimate of the honest model).
+    """
+    params = [p for p in task.parameters() if p.requires_grad]
     task.train()
     loss_sum = torch.zeros((), device=ctx.global_params.device)
     num_steps = 0
@@ -187,10 +211,26 @@ def train_client(fabric: Fabric, task: Task, ctx: LocalTraining, step_hooks: boo
                 fabric.call("on_after_optimizer_step", ctx=ctx, batch_idx=batch_idx)
             loss_sum += loss.detach().float()
             num_steps += 1
-    update = ClientUpdate(
-        slot=ctx.slot, client_id=ctx.client_id, delta=flat_params(task) - ctx.global_params,
-        num_examples=ctx.num_examples if ctx.num_examples is not None else int(ctx.inputs.shape[0]),
-        loss=float(loss_sum) / max(num_steps, 1), is_adversary=ctx.is_adversary,
-    )
-    fabric.call("on_client_end", ctx=ctx, update=update)
-    return update
+    return float(loss_sum) / max(num_steps, 1)
+
+
+def num_batches(num_examples: int, batch_size: int, drop_last: bool) -> int:
+    """Mini-batches per epoch, as `iterate_batches` yields them."""
+    return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
+
+
+@torch.no_grad()
+def evaluation_sums(fabric: Fabric, task: Task, inputs: Tensor, targets: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """`validation_step` sums (`correct`, `total`, `loss_sum`) of the task's current model over a dataset.
+
+    Local to this process: the orchestrator adds them over ranks; an attacker measures its own model.
+    """
+    task.eval()
+    sums = {key: torch.zeros((), device=inputs.device) for key in ("correct", "total", "loss_sum")}
+    for batch_idx, start in enumerate(range(0, inputs.shape[0], batch_size)):
+        with fabric.autocast():
+            step = task.validation_step((inputs[start:start + batch_size], targets[start:start + batch_size]),
+                                        batch_idx)
+        for key, value in step.items():
+            sums[key] = sums[key] + value
+    return sums

@@ -29,8 +29,10 @@ from fl_lightning.client import (
     RoundPlan,
     RoundUpdates,
     client_lr,
+    evaluation_sums,
     flat_params,
     load_flat_params_,
+    lr_scale,
     train_client,
 )
 from fl_lightning.config import (
@@ -269,7 +271,8 @@ class Run:
         return LocalTraining(
             round_idx=plan.round_idx, slot=slot, client_id=client_id, is_adversary=plan.is_adversary[slot],
             model=self.task, global_params=global_params, inputs=inputs, targets=targets,
-            lr=client_lr(client, plan.round_idx), epochs=client.local_epochs, batch_size=client.batch_size,
+            lr=client_lr(client, plan.round_idx), lr_scale=lr_scale(client, plan.round_idx),
+            epochs=client.local_epochs, batch_size=client.batch_size,
             momentum=client.momentum, weight_decay=client.weight_decay, grad_clip_norm=client.grad_clip_norm,
             seed=seed, generator=torch.Generator().manual_seed(seed))
 
@@ -285,16 +288,9 @@ class Run:
     def evaluate(self, global_params: Tensor) -> dict[str, float]:
         """Main-task and backdoor accuracy (and loss) of the global model, sharded over ranks."""
         load_flat_params_(self.task, global_params)
-        self.task.eval()
         metrics = {}
-        batch_size = self.fl.eval_batch_size
         for split, (inputs, targets) in self.eval_sets.items():
-            sums = {key: torch.zeros((), device=self.fabric.device) for key in ("correct", "total", "loss_sum")}
-            for batch_idx, start in enumerate(range(0, inputs.shape[0], batch_size)):
-                batch = (inputs[start:start + batch_size], targets[start:start + batch_size])
-                with self.fabric.autocast():
-                    for key, value in self.task.validation_step(batch, batch_idx).items():
-                        sums[key] = sums[key] + value
+            sums = evaluation_sums(self.fabric, self.task, inputs, targets, self.fl.eval_batch_size)
             totals = all_reduce_sum(self.fabric, sums)
             metrics[f"{split}_acc"] = totals["correct"] / max(totals["total"], 1.0)
             metrics[f"{split}_loss"] = totals["loss_sum"] / max(totals["total"], 1.0)

@@ -1,0 +1,212 @@
+"""The edge-case backdoor attack: who attacks when, on what data, and how the update is shaped.
+
+Wang et al., "Attack of the Tails: Yes, You Really Can Backdoor Federated Learning", NeurIPS 2020
+(arXiv:2007.05084): an attacker trains on rare ("edge-case") inputs relabelled to a target, mixed
+with clean data, and sends the result as its update. Modes:
+
+* `blackbox`: plain local training on the poisoned set (data poisoning only).
+* `pgd`: projected gradient descent: the attacker's model is projected onto the L2 ball of radius
+  `eps` around the round's global model every `project_every` steps and after each epoch, with its
+  own learning rate `adv_lr`, so that norm-based defenses see an ordinary update.
+* `model_replacement=True` (with either mode): the update is scaled by Γ = (participants' examples)
+  / (adversaries' examples) so FedAvg lands on the attacker's model (Bagdasaryan et al., "How To
+  Backdoor Federated Learning", AISTATS 2020).
+* `prox=True`: the reference's prox attack: first estimate the honest model by training on the
+  attacker's clean examples, then train with the extra penalty `prox_coefficient * ||w - ŵ||²`.
+
+Schedules: `fixed_frequency` (`num_adversaries` attackers take slots of every `attack_every`-th
+round from `start_round` to `end_round`; the defaults reproduce the reference: every 10th round
+from round 1) and `fixed_pool` (a seeded pool of `pool_size` client ids; every sampled member
+attacks). Adversarial slots depend only on (seed, round), so every rank and a resumed run agree.
+
+Deviations from the reference code (paper-spec §8), fixed rather than copied: the attacker takes
+a seeded slot, not always slot 0 with a fake id (Q2, pitfall 6); with several attackers in a round
+the replacement scale is shared (Q15: the reference overshoots k-fold); PGD's eps decays only when
+asked (`eps_decay`; the reference ties it to Krum, Q17); the attack schedule is a parameter (Q1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from fl_lightning.callbacks.pgd import project_l2_ball, prox_gradient, replacement_scale, should_project
+from fl_lightning.client import (
+    ClientUpdate,
+    LocalTraining,
+    RoundPlan,
+    evaluation_sums,
+    flat_params,
+    load_flat_params_,
+    num_batches,
+    run_local_epochs,
+)
+from fl_lightning.config import ConfigError
+from fl_lightning.hooks import FLCallback
+from fl_lightning.sampling import derive_seed
+
+_SLOTS, _POOL = 0xA77AC4, 0x9001
+
+
+class EdgeCaseAttack(FLCallback):
+    """The paper's edge-case attacker(s), as one callback.
+
+    Args:
+        mode: `blackbox` (data poisoning) or `pgd` (projected onto the eps-ball around the global model).
+        model_replacement: Scale the sent update so FedAvg lands on the attacker's model.
+        prox: Add the prox attack's penalty towards an estimate of the honest model.
+        prox_coefficient: Weight of that penalty (the reference fixes it at 1).
+        schedule: `fixed_frequency` or `fixed_pool`.
+        attack_every: Fixed frequency: attack every this many rounds.
+        start_round: Fixed frequency: the first attacked round.
+        end_round: Fixed frequency: the last round that may be attacked (None: no end).
+        num_adversaries: Fixed frequency: attackers per attacked round (each takes one slot).
+        pool_size: Fixed pool: how many client ids are attackers.
+        eps: PGD: radius of the L2 ball around the global model.
+        project_every: PGD: project after every this many batches (and after each epoch's last).
+        eps_decay: PGD: shrink eps with the round's lr decay (the reference does this under Krum).
+        adv_lr: The attacker's learning rate at round 1, decayed like the honest one (None: the honest lr).
+        adv_epochs: The attacker's local epochs (None: the honest clients').
+        measure_attacker: Log the attacker's own main and backdoor accuracy before scaling.
+    """
+
+    def __init__(self, mode: Literal["blackbox", "pgd"] = "blackbox", model_replacement: bool = False,
+                 prox: bool = False, prox_coefficient: float = 1.0,
+                 schedule: Literal["fixed_frequency", "fixed_pool"] = "fixed_frequency", attack_every: int = 10,
+                 start_round: int = 1, end_round: int | None = None, num_adversaries: int = 1, pool_size: int = 10,
+                 eps: float = 2.0, project_every: int = 10, eps_decay: bool = False, adv_lr: float | None = None,
+                 adv_epochs: int | None = None, measure_attacker: bool = True) -> None:
+        self.mode, self.model_replacement, self.prox, self.prox_coefficient = mode, model_replacement, prox, \
+            prox_coefficient
+        self.schedule, self.attack_every, self.start_round, self.end_round = schedule, attack_every, start_round, \
+            end_round
+        self.num_adversaries, self.pool_size = num_adversaries, pool_size
+        self.eps, self.project_every, self.eps_decay = eps, project_every, eps_decay
+        self.adv_lr, self.adv_epochs, self.measure_attacker = adv_lr, adv_epochs, measure_attacker
+        problems = [f"{name} must be > 0, got {value!r}" for name, value in (
+            ("attack_every", attack_every), ("start_round", start_round), ("num_adversaries", num_adversaries),
+            ("pool_size", pool_size), ("eps", eps), ("project_every", project_every), ("adv_lr", adv_lr),
+            ("adv_epochs", adv_epochs)) if value is not None and value <= 0]
+        if end_round is not None and end_round < start_round:
+            problems.append(f"end_round={end_round} is before start_round={start_round}")
+        if problems:
+            raise ConfigError("EdgeCaseAttack: " + "; ".join(problems))
+        self._prox_handles: list[Any] = []
+
+    # ----- setup and schedule -----
+
+    def on_fit_start(self, task, data, fabric, seed: int) -> None:
+        if data.edge_train_inputs is None:
+            raise ConfigError(f"task {task.name!r} has no edge-case attacker set; EdgeCaseAttack cannot run on it")
+        self.task, self.fabric, self.seed = task, fabric, seed
+        self.edge_inputs, self.edge_targets = data.edge_train_inputs, data.edge_train_targets
+        is_edge = data.extras.get("edge_train_is_edge")
+        self.clean_rows = (~is_edge).nonzero().flatten().to(self.edge_inputs.device) if is_edge is not None else None
+        self.eval_sets = {"main": (data.test_inputs, data.test_targets)}
+        if data.backdoor_inputs is not None:
+            self.eval_sets["backdoor"] = (data.backdoor_inputs, data.backdoor_targets)
+        self.client_sizes = data.partition.sizes().tolist()
+        if self.schedule == "fixed_pool":
+            if self.pool_size > data.num_clients:
+                raise ConfigError(f"EdgeCaseAttack: pool_size={self.pool_size} exceeds the {data.num_clients} clients")
+            rng = np.random.default_rng(derive_seed(_POOL, seed))
+            self.pool = {int(c) for c in rng.choice(data.num_clients, self.pool_size, replace=False)}
+
+    def attacked(self, round_idx: int) -> bool:
+        """Fixed frequency: whether `round_idx` is an attack round."""
+        in_window = round_idx >= self.start_round and (self.end_round is None or round_idx <= self.end_round)
+        return in_window and (round_idx - self.start_round) % self.attack_every == 0
+
+    def adversarial_slots(self, round_idx: int, client_ids: list[int]) -> list[int]:
+        """The slots attackers play this round: pure in (seed, round) (and the pool)."""
+        if self.schedule == "fixed_pool":
+            return [slot for slot, client_id in enumerate(client_ids) if client_id in self.pool]
+        if not self.attacked(round_idx):
+            return []
+        count = min(self.num_adversaries, len(client_ids))
+        rng = np.random.default_rng(derive_seed(_SLOTS, self.seed, round_idx))
+        return sorted(int(s) for s in rng.choice(len(client_ids), count, replace=False))
+
+    def on_round_start(self, round_idx: int, plan: RoundPlan) -> None:
+        slots = self.adversarial_slots(round_idx, plan.client_ids)
+        for slot in slots:
+            plan.is_adversary[slot] = True
+        # Every participant's example count, as FedAvg will weigh it: the replacement scale needs it.
+        num_edge = self.edge_inputs.shape[0]
+        self.adversary_examples = num_edge * len(slots)
+        self.total_examples = sum(num_edge if adv else self.client_sizes[c]
+                                  for c, adv in zip(plan.client_ids, plan.is_adversary))
+        self.round_attacked = bool(slots)
+
+    # ----- local training of an attacker -----
+
+    def on_client_start(self, ctx: LocalTraining) -> None:
+        if not ctx.is_adversary:
+            return
+        ctx.inputs, ctx.targets = self.edge_inputs, self.edge_targets
+        ctx.num_examples = int(self.edge_inputs.shape[0])
+        ctx.epochs = self.adv_epochs or ctx.epochs
+        if self.adv_lr is not None:
+            ctx.lr = self.adv_lr * ctx.lr_scale
+        if self.prox:
+            self.add_prox_penalty(ctx)
+
+    def add_prox_penalty(self, ctx: LocalTraining) -> None:
+        """Estimates the honest model on the attacker's clean rows, then penalises distance to it.
+
+        The penalty's gradient is added by parameter hooks (removed in `on_client_end`), so the
+        task's own `training_step` stays untouched.
+        """
+        clean = self.clean_rows if self.clean_rows is not None else torch.arange(ctx.inputs.shape[0])
+        honest = LocalTraining(**{**vars(ctx), "inputs": ctx.inputs[clean], "targets": ctx.targets[clean],
+                                  "optimizer": None})
+        params = [p for p in self.task.parameters() if p.requires_grad]
+        honest.optimizer = torch.optim.SGD(params, lr=honest.lr, momentum=honest.momentum,
+                                           weight_decay=honest.weight_decay)
+        run_local_epochs(self.fabric, self.task, honest, step_hooks=False)
+        anchor = flat_params(self.task)  # [n_params], the estimate of the honest model
+        load_flat_params_(self.task, ctx.global_params)
+        for param, chunk in zip(params, torch.split(anchor, [p.numel() for p in params])):
+            anchor_param = chunk.view_as(param)
+            self._prox_handles.append(param.register_hook(
+                lambda grad, p=param, a=anchor_param: grad + prox_gradient(p.detach(), a, self.prox_coefficient)))
+
+    def on_after_optimizer_step(self, ctx: LocalTraining, batch_idx: int) -> None:
+        if not (ctx.is_adversary and self.mode == "pgd"):
+            return
+        if should_project(batch_idx, num_batches(ctx.inputs.shape[0], ctx.batch_size, self.task.drop_last),
+                          self.project_every):
+            radius = self.eps * (ctx.lr_scale if self.eps_decay else 1.0)
+            current = flat_params(self.task)
+            projected = project_l2_ball(current, ctx.global_params, radius)
+            if projected is not current:
+                load_flat_params_(self.task, projected)
+
+    def on_client_end(self, ctx: LocalTraining, update: ClientUpdate) -> None:
+        if not ctx.is_adversary:
+            return
+        for handle in self._prox_handles:
+            handle.remove()
+        self._prox_handles.clear()
+        update.stats["adv_norm_before_scaling"] = float(update.delta.norm())
+        if self.measure_attacker:
+            for split, (inputs, targets) in self.eval_sets.items():
+                sums = evaluation_sums(self.fabric, self.task, inputs, targets, batch_size=256)
+                update.stats[f"adv_{split}_acc"] = float(sums["correct"]) / max(float(sums["total"]), 1.0)
+        scale = 1.0
+        if self.model_replacement:
+            scale = replacement_scale(self.total_examples, self.adversary_examples)
+            update.delta.mul_(scale)
+        update.stats["adv_replacement_scale"] = scale
+        update.stats["adv_norm_after_scaling"] = float(update.delta.norm())
+
+    def on_round_end(self, round_idx: int, metrics: dict[str, float]) -> None:
+        metrics["attacked"] = float(self.round_attacked)
+
+
+def expected_attack_rounds(attack: EdgeCaseAttack, rounds: int) -> list[int]:
+    """Fixed frequency: the rounds in 1..rounds that are attacked (for reports and tests)."""
+    return [r for r in range(1, rounds + 1) if attack.attacked(r)]
+
