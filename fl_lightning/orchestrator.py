@@ -136,10 +136,8 @@ def fit(
                             partition=data.partition, alpha=data.alpha, attack_case=data.attack_case,
                             download=data.download)
 
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                    strategy="ddp" if devices * num_nodes > 1 else "auto", precision=precision, callbacks=callbacks)
-    fabric.launch()
-    set_threads(fabric, num_threads, num_nodes)
+    fabric = make_fabric(accelerator, devices, num_nodes, precision, callbacks)
+    set_threads(num_threads, devices)
     torch.manual_seed(seed)  # the initial model: the same for a seed on every rank and every run
     run = Run.setup(fabric, task_cls(settings), fl, client, aggregator, seed)
     run_dir = Path(resume) if resume else Path(out_dir) / broadcast_json(fabric, name or default_name(task, out_dir))
@@ -404,8 +402,7 @@ def validate(
     settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=config["seed"], model=config["model"],
                             source=data.source, partition=data.partition, alpha=data.alpha,
                             attack_case=data.attack_case, download=data.download)
-    fabric = Fabric(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto")
-    fabric.launch()
+    fabric = make_fabric(accelerator, devices, 1, "32-true")
     try:
         run = Run.setup(fabric, task_cls(settings), fl, ClientArgs(**config["client"]), FedAvg(), config["seed"])
         params, saved = load_checkpoint(path)
@@ -425,12 +422,29 @@ def default_name(task: str, out_dir: str) -> str:
     return name
 
 
-def set_threads(fabric: Fabric, num_threads: int | None, num_nodes: int) -> None:
+def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: str,
+                callbacks: list[FLCallback] | None = None) -> Fabric:
+    """A launched Fabric with one process per device; under `fabric run`, its command line decides.
+
+    `fabric run` passes accelerator, devices, nodes and precision through `LT_*` variables and has
+    started the processes already: Fabric refuses constructor values that disagree with the
+    variables, and a second launch.
+    """
+    if os.environ.get("LT_CLI_USED") == "1":
+        return Fabric(callbacks=callbacks)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                    strategy="ddp" if devices * num_nodes > 1 else "auto", precision=precision, callbacks=callbacks)
+    fabric.launch()
+    return fabric
+
+
+def set_threads(num_threads: int | None, devices: int) -> None:
     """CPU threads per process: the cores of this node shared evenly among its processes."""
     if num_threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local_processes = max(1, fabric.world_size // num_nodes)
-        num_threads = max(1, cores // local_processes)
+        # torchrun and `fabric run` say how many processes share this node; Fabric's own launcher uses `devices`.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", devices))
+        num_threads = max(1, cores // max(1, local_processes))
     torch.set_num_threads(num_threads)
 
 

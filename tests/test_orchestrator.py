@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,27 @@ def test_init_from_and_validate(tmp_path):
     out = run_cli("validate", "--checkpoint", str(base), "--accelerator", "cpu", cwd=tmp_path)
     assert f"main_acc {float(read_metrics(base)[-1]['main_acc']):.4f}" in out.stdout
     assert "backdoor_acc" in out.stdout
+
+
+def test_torchrun_and_fabric_run_launch_the_same_run(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import fl_lightning.__main__ as entry
+
+    args = ["fit", "--task", "toy", "--fl.rounds", "2", "--log.logger", "csv", "--log.progress_bar", "false",
+            "--num_threads", "1"]
+    run_cli(*args, "--accelerator", "cpu", "--name", "single", cwd=tmp_path)
+    bin_dir = Path(sys.executable).parent
+    launchers = {
+        "torchrun": [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "-m", "fl_lightning", *args,
+                     "--accelerator", "cpu", "--devices", "2", "--name", "torchrun"],
+        "fabric": [shutil.which("fabric", path=str(bin_dir)) or "fabric", "run", "--accelerator", "cpu", "--devices",
+                   "2", "--strategy", "ddp", entry.__file__, *args, "--name", "fabric"],
+    }
+    for name, command in launchers.items():
+        proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert torch.equal(final_model(tmp_path / "runs" / name), final_model(tmp_path / "runs" / "single")), name
