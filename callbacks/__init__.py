@@ -6,7 +6,21 @@
 from __future__ import annotations
 
 from fl_lightning.aggregation import Aggregator, FedAvg
+from fl_lightning.callbacks.clipping import NormClipping, WeakDP
 from fl_lightning.callbacks.edge_case import EdgeCaseAttack
+from fl_lightning.callbacks.robust import CoordinateMedian, GeometricMedian, Krum, MultiKrum, TrimmedMean
 from fl_lightning.hooks import FLCallback
 
-__all__ = ["Aggregator", "EdgeCaseAttack", "FedAvg", "FLCallback"]
+__all__ = [
+    "Aggregator",
+    "CoordinateMedian",
+    "EdgeCaseAttack",
+    "FedAvg",
+    "FLCallback",
+    "GeometricMedian",
+    "Krum",
+    "MultiKrum",
+    "NormClipping",
+    "TrimmedMean",
+    "WeakDP",
+]

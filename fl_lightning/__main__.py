@@ -18,18 +18,27 @@ from jsonargparse import CLI
 
 import fl_lightning.callbacks as components
 from fl_lightning.aggregation import Aggregator
+from fl_lightning.claims import claims
 from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError
 from fl_lightning.hooks import FLCallback
 from fl_lightning.orchestrator import fit, validate
+from fl_lightning.report import report
+from fl_lightning.sweep import sweep
 from fl_lightning.tasks import TASKS
 
-COMMANDS = {"fit": fit, "validate": validate}
+COMMANDS = {"fit": fit, "validate": validate, "sweep": sweep, "report": report, "claims": claims}
+# Shorthands of the sweep, report and claims commands that jsonargparse signatures cannot express:
+# leading bare words fill an option, list options repeat, boolean flags stand alone
+# (`sweep X.yaml --set a=1 --set b=2 --dry_run`, `report DIR1 DIR2`, `claims --quick`).
+POSITIONALS = {"sweep": "file", "report": "paths"}
+REPEATABLE = {"sweep": ("--set",), "report": ("--paths", "--group_by")}
+FLAGS = {"sweep": ("--dry_run",), "claims": ("--quick",)}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Runs the CLI; a bad setting ends with a one-paragraph error and exit status 2, no traceback."""
-    argv = with_resume_config(list(sys.argv[1:] if argv is None else argv))
+    argv = with_shorthands(with_resume_config(list(sys.argv[1:] if argv is None else argv)))
     try:
         check_names(argv)
         CLI(COMMANDS, args=argv, as_positional=False, prog="python -m fl_lightning",
@@ -52,6 +61,30 @@ def with_resume_config(argv: list[str]) -> list[str]:
         if value and (Path(value) / "config.yaml").is_file():
             return ["fit", "--config", str(Path(value) / "config.yaml"), *argv[1:]]
     return argv
+
+
+def with_shorthands(argv: list[str]) -> list[str]:
+    """Rewrites the shorthands of `POSITIONALS`, `REPEATABLE` and `FLAGS` into jsonargparse's forms.
+
+    `sweep F` -> `sweep --file F`; `report A B` -> `report --paths+ A --paths+ B`; `--set X` -> `--set+ X`;
+    a bare `--quick` -> `--quick=true`. Only the words before the first option are positional, so option
+    values are never mistaken for them.
+    """
+    if not argv or argv[0] not in (*POSITIONALS, *FLAGS):
+        return argv
+    command, rest = argv[0], list(argv[1:])
+    repeatable, flags, out = REPEATABLE.get(command, ()), FLAGS.get(command, ()), [argv[0]]
+    while command in POSITIONALS and rest and not rest[0].startswith("-"):
+        option = f"--{POSITIONALS[command]}"
+        out += [f"{option}+" if option in repeatable else option, rest.pop(0)]
+    for i, arg in enumerate(rest):
+        name, sep, value = arg.partition("=")
+        following = rest[i + 1].lower() if i + 1 < len(rest) else ""
+        if arg in flags and following not in ("true", "false"):
+            out.append(f"{arg}=true")
+        else:
+            out.append(f"{name}+{sep}{value}" if name in repeatable else arg)
+    return out
 
 
 def registered(base: type) -> list[str]:

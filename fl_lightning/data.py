@@ -155,8 +155,10 @@ def load_numpy_pickle(source: Path | bytes) -> np.ndarray:
         raise
     except Exception as err:  # a malformed pickle: report it as bad data, whatever the parser raised
         raise DataError(f"not a readable numpy pickle: {err}") from err
-    if not isinstance(value, np.ndarray) or value.dtype.hasobject:
+    if not isinstance(value, np.ndarray):
         raise DataError(f"expected a plain numpy array in the pickle, got {type(value).__name__}")
+    if value.dtype.hasobject:
+        raise DataError("expected a plain numpy array in the pickle, got an object array")
     return value
 
 

@@ -1,0 +1,305 @@
+"""The claims check: `python -m fl_lightning claims [--out_dir DIR] [--quick]`.
+
+Runs a preset small enough for a 2-core machine and checks the four claims of Wang et al.,
+"Attack of the Tails: Yes, You Really Can Backdoor Federated Learning", NeurIPS 2020
+(arXiv:2007.05084), printing each with the measured numbers and PASS or FAIL:
+
+1. pure edge-case attacks are stronger than not-so-edge ones (attacker's share 100 % > 50 % > 10 %);
+2. PGD attacks get through all the defenses, while black-box data poisoning is weak against Krum
+   and Multi-Krum;
+3. lower attack frequency injects the backdoor more slowly;
+4. lower-capacity models resist the backdoor better but lose main-task accuracy.
+
+The preset is the sweep files of `sweeps/` with `--set` overrides (nothing here re-implements an
+experiment): the `emnist` task on its `mnist` source with the paper's EMNIST hyper-parameters
+(K = 3383, m = 30, 5 local epochs, batch 512, lr 0.1), and `sentiment140` on its offline 100k-tweet
+sample over K = 500 clients (about 200 tweets each, the density of the paper's 25 % subsample over
+1948 clients). As in the paper, attacks start from a model trained without attack (`init_from`), and
+for these short runs one attacker takes part in every round (the frequency sweep varies that).
+The capacity runs of `emnist` train from scratch (each width has its own parameter count); those of
+`sentiment140` each start from their own clean model.
+
+The thresholds are fixed here, before any run: "backdoor" is the target-task accuracy at the last
+round, smoothed by the paper's 10-round rolling mean (claims 1, 2, 4), or its mean over all rounds
+after the start, which also measures how fast it rises (claim 3). PGD "gets through" a defense when it
+keeps at least half of its undefended backdoor accuracy; black-box is "weak" against a defense when
+it keeps at most half of its own. Results go to `<out_dir>/claims.md` with a report per sweep;
+a second start reuses every finished run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fl_lightning.report import RunResult, find_runs, summarize, write_report
+from fl_lightning.sweep import (
+    PlannedRun,
+    execute_all,
+    expand,
+    format_args,
+    load_sweep,
+    parse_overrides,
+    plan_runs,
+    write_index,
+)
+
+# The checkout's sweep files (an editable install); a plain install has none, so `./sweeps` is the fallback.
+SWEEPS = next((p for p in (Path(__file__).resolve().parent.parent / "sweeps", Path("sweeps")) if p.is_dir()),
+              Path("sweeps"))
+FRACTION = 0.5  # "gets through": keeps at least half; "weak": keeps at most half
+EMNIST = ["task=emnist", "data.source=mnist", "log.logger=csv", "log.progress_bar=false", "fl.eval_every=2",
+          "fl.checkpoint_every=10"]
+SENTIMENT = ["task=sentiment140", "fl.num_clients=500", "log.logger=csv", "log.progress_bar=false",
+             "fl.eval_every=1", "fl.checkpoint_every=10"]
+CASES = {"edge": "100 %", "almost_edge": "50 %", "normal": "10 %"}
+DEFENSES = ("FedAvg", "NormClipping", "WeakDP", "Krum", "MultiKrum", "GeometricMedian")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Round counts and model variants of one preset."""
+
+    rounds: int                  # attack runs from a clean model
+    pretrain_rounds: int         # the clean emnist model
+    capacity_rounds: int         # emnist capacity runs, from scratch
+    widths: tuple[str, ...]      # emnist models of claim 4, smallest first
+    sentiment: bool              # also run sentiment140 (claims 1 and 4)
+    s140_pretrain_rounds: int = 30
+    s140_rounds: int = 20
+    s140_models: tuple[str, ...] = ("lstm_h50", "lstm_h200")
+
+
+PRESETS = {
+    "full": Preset(rounds=20, pretrain_rounds=20, capacity_rounds=20,
+                   widths=("lenet_w0.125", "lenet_w0.25", "lenet_w0.5", "lenet"), sentiment=True),
+    "quick": Preset(rounds=10, pretrain_rounds=10, capacity_rounds=10, widths=("lenet_w0.25", "lenet"),
+                    sentiment=False),
+}
+
+
+@dataclass
+class Invocation:
+    """One sweep file run with overrides into its own directory (a sweep directory is one invocation)."""
+
+    claim: int
+    file: str
+    overrides: list[str]
+    subdir: str
+    max_runs: int | None = None
+
+    def plan(self, out_dir: Path) -> tuple[Any, Path, list[PlannedRun]]:
+        sweep_file = load_sweep(SWEEPS / self.file, self.overrides)
+        sweep_dir = out_dir / self.subdir / sweep_file.name
+        return sweep_file, sweep_dir, plan_runs(sweep_file, expand(sweep_file, self.max_runs), sweep_dir)
+
+
+def clean_run(out_dir: Path, name: str, overrides: list[str]) -> PlannedRun:
+    """A model trained without attack, the start of the attack runs (the paper's protocol)."""
+    params = parse_overrides(overrides)
+    argv = [sys.executable, "-m", "fl_lightning", "fit", *format_args(params), f"--out_dir={out_dir / 'clean'}",
+            f"--name={name}"]
+    return PlannedRun(name=name, params=params, argv=argv, run_dir=out_dir / "clean" / name)
+
+
+def plan(preset: Preset, out_dir: Path) -> tuple[list[PlannedRun], list[Invocation], list[Invocation]]:
+    """Phase 1 (clean models, from-scratch capacity runs) and phase 2 (attacks on the clean models).
+
+    A run with a model of its own gets its own invocation (and directory), since `--set` fixes one value.
+    """
+    every_round = "callbacks.attack_every=1"
+    emnist_clean = clean_run(out_dir, "emnist_clean", [*EMNIST, f"fl.rounds={preset.pretrain_rounds}",
+                                                       "fl.eval_every=0"])
+    attack = [*EMNIST, f"fl.rounds={preset.rounds}", f"init_from={emnist_clean.run_dir}"]
+    clean = [emnist_clean]
+    first = [Invocation(4, "emnist_capacity.yaml", [*EMNIST, f"fl.rounds={preset.capacity_rounds}", every_round,
+                                                    f"model={model}"], f"emnist_{model}")
+             for model in preset.widths]
+    second = [
+        Invocation(1, "emnist_edge_case.yaml", [*attack, every_round], "emnist"),
+        # The grid's first 12 runs: black-box and PGD against the six defenses (no model replacement).
+        Invocation(2, "emnist_defenses.yaml", [*attack, every_round], "emnist", max_runs=12),
+        Invocation(3, "emnist_attack_frequency.yaml", attack, "emnist"),
+    ]
+    if preset.sentiment:
+        s140 = [*SENTIMENT, f"fl.rounds={preset.s140_rounds}", every_round]
+        for model in preset.s140_models:
+            run = clean_run(out_dir, f"sentiment140_clean_{model}",
+                            [*SENTIMENT, f"model={model}", f"fl.rounds={preset.s140_pretrain_rounds}"])
+            clean.append(run)
+            second.append(Invocation(4, "sentiment140_capacity.yaml",
+                                     [*s140, f"model={model}", f"init_from={run.run_dir}"], f"sentiment140_{model}"))
+            if model == preset.s140_models[-1]:  # the paper's LSTM (hidden 200) also answers claim 1
+                second.append(Invocation(1, "sentiment140_edge_case.yaml",
+                                         [*s140, f"model={model}", f"init_from={run.run_dir}"], "sentiment140"))
+    return clean, first, second
+
+
+def run_phase(out_dir: Path, clean: list[PlannedRun], invocations: list[Invocation], jobs: int) -> None:
+    """Runs the clean models and the planned sweeps of one phase together, `jobs` at a time."""
+    runs: list[PlannedRun] = list(clean)
+    rows: list[dict[str, Any]] = [{"name": r.name, "params": r.params, "run_dir": str(r.run_dir)} for r in clean]
+    indexes = []
+    for invocation in invocations:
+        sweep_file, sweep_dir, planned = invocation.plan(out_dir)
+        sweep_rows = [{"name": r.name, "status": "planned", "params": r.params, "argv": r.argv,
+                       "run_dir": str(r.run_dir)} for r in planned]
+        write_index(sweep_dir, sweep_file, sweep_rows)
+        indexes.append((sweep_dir, sweep_file, sweep_rows))
+        runs += planned
+        rows += sweep_rows
+
+    def write_indexes() -> None:
+        for sweep_dir, sweep_file, sweep_rows in indexes:
+            write_index(sweep_dir, sweep_file, sweep_rows)
+
+    execute_all(runs, rows, jobs, write_indexes, lambda text: print(text, file=sys.stderr, flush=True))
+    failed = [row["name"] for row in rows if row.get("status") == "failed"]
+    if failed:
+        raise SystemExit(f"error: {len(failed)} run(s) failed ({', '.join(failed)}); see their run.log")
+
+
+# ----- the checks -----
+
+def results(out_dir: Path, invocation: Invocation) -> list[tuple[RunResult, dict[str, Any]]]:
+    """The runs of one invocation with their summary numbers."""
+    _, sweep_dir, _ = invocation.plan(out_dir)
+    return [(run, summarize(run.metrics)) for run in find_runs(sweep_dir)]
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:5.1f}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def check_edge_cases(found: dict[str, list]) -> tuple[bool, list[str]]:
+    lines, ok = [], True
+    for task, runs in found.items():
+        by_case = {run.params["data.attack_case"]: stats["smoothed_backdoor"] for run, stats in runs}
+        values = [by_case.get(case, float("nan")) for case in CASES]
+        ordered = values[0] > values[1] > values[2]
+        ok &= ordered
+        lines.append(f"  {task}: " + "   ".join(f"{case} ({share}) {pct(v)}" for (case, share), v in
+                                                  zip(CASES.items(), values)) + f"   -> {verdict(ordered)}")
+    lines.append("  (backdoor accuracy %, 10-round mean at the last round; needs edge > almost_edge > normal)")
+    return ok, lines
+
+
+def defense_name(value: Any) -> str:
+    return value["class_path"] if isinstance(value, dict) else str(value)
+
+
+def check_defenses(runs: list) -> tuple[bool, list[str]]:
+    table: dict[tuple[str, str], float] = {}
+    for run, stats in runs:
+        table[(run.params["callbacks.init_args"]["mode"], defense_name(run.params["aggregator"]))] = \
+            stats["smoothed_backdoor"]
+    nan = float("nan")
+    lines = ["  defense           black-box    PGD"]
+    for defense in DEFENSES:
+        lines.append(f"  {defense:16s}  {pct(table.get(('blackbox', defense), nan))}      "
+                     f"{pct(table.get(('pgd', defense), nan))}")
+    pgd_open, bb_open = table.get(("pgd", "FedAvg"), nan), table.get(("blackbox", "FedAvg"), nan)
+    through = {d: table.get(("pgd", d), nan) >= FRACTION * pgd_open for d in DEFENSES}
+    weak = {d: table.get(("blackbox", d), nan) <= FRACTION * bb_open for d in ("Krum", "MultiKrum")}
+    lines.append(f"  PGD keeps >= {FRACTION:.0%} of its undefended {pct(pgd_open).strip()} % under: "
+                 + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in through.items()))
+    lines.append(f"  black-box keeps <= {FRACTION:.0%} of its undefended {pct(bb_open).strip()} % under: "
+                 + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in weak.items()))
+    lines.append("  (backdoor accuracy %, 10-round mean at the last round)")
+    return all(through.values()) and all(weak.values()), lines
+
+
+def check_frequency(runs: list) -> tuple[bool, list[str]]:
+    rows = sorted(((run.params["callbacks.attack_every"], stats) for run, stats in runs), key=lambda r: r[0])
+    means = [stats["mean_backdoor"] for _, stats in rows]
+    ok = len(means) > 1 and all(a > b for a, b in zip(means, means[1:]))
+    lines = ["  attack every   mean backdoor   at the end   rounds to 50 % (smoothed)"]
+    for every, stats in rows:
+        reached = stats["rounds_to_50"]
+        lines.append(f"  {every:>5d} rounds   {pct(stats['mean_backdoor'])}           {pct(stats['smoothed_backdoor'])}"
+                     f"        {'never' if reached is None else reached}")
+    lines.append("  (backdoor accuracy %, mean over rounds 1..R; needs it to fall as attacks get rarer)")
+    return ok, lines
+
+
+def check_capacity(found: dict[str, list], order: dict[str, tuple[str, ...]]) -> tuple[bool, list[str]]:
+    lines, ok = [], True
+    for task, runs in found.items():
+        by_model = {run.params["model"]: stats for run, stats in runs}
+        models = [m for m in order[task] if m in by_model]
+        if len(models) < 2:
+            ok = False
+            lines.append(f"  {task}: fewer than two models finished -> FAIL")
+            continue
+        small, large = by_model[models[0]], by_model[models[-1]]
+        task_ok = small["smoothed_backdoor"] < large["smoothed_backdoor"] and small["smoothed_main"] < large[
+            "smoothed_main"]
+        ok &= task_ok
+        lines.append(f"  {task}: " + "   ".join(f"{m} backdoor {pct(by_model[m]['smoothed_backdoor'])} main "
+                                                  f"{pct(by_model[m]['smoothed_main'])}" for m in models)
+                     + f"   -> {verdict(task_ok)}")
+    lines.append("  (accuracies %, 10-round means at the last round; needs the smallest model below the largest "
+                 "in both)")
+    return ok, lines
+
+
+def check(preset: Preset, out_dir: Path, first: list[Invocation], second: list[Invocation]) -> list[str]:
+    """The four claims with their numbers, as printed lines."""
+    by_claim: dict[int, list[Invocation]] = {}
+    for invocation in [*first, *second]:
+        by_claim.setdefault(invocation.claim, []).append(invocation)
+
+    def task_of(invocation: Invocation) -> str:
+        return invocation.file.split("_", 1)[0]
+
+    edge = {task_of(i): results(out_dir, i) for i in by_claim[1]}
+    capacity: dict[str, list] = {}
+    for invocation in by_claim[4]:
+        capacity.setdefault(task_of(invocation), []).extend(results(out_dir, invocation))
+    checks = [
+        ("1. Pure edge-case attacks are stronger than not-so-edge ones (100 % > 50 % > 10 %)",
+         check_edge_cases(edge)),
+        ("2. PGD gets through every defense; black-box data poisoning is weak against Krum and Multi-Krum (emnist)",
+         check_defenses(results(out_dir, by_claim[2][0]))),
+        ("3. A lower attack frequency injects the backdoor more slowly (emnist)",
+         check_frequency(results(out_dir, by_claim[3][0]))),
+        ("4. Lower-capacity models resist the backdoor better but lose main-task accuracy",
+         check_capacity(capacity, {"emnist": preset.widths, "sentiment140": preset.s140_models})),
+    ]
+    lines = []
+    for title, (ok, details) in checks:
+        lines += [f"{title}: {verdict(ok)}", *details, ""]
+    return lines
+
+
+def claims(*, out_dir: str = "runs/claims", quick: bool = False, jobs: int = 2) -> None:
+    """Runs the claims preset (emnist on mnist, sentiment140 on its sample) and checks the paper's four claims.
+
+    Args:
+        out_dir: Where the clean models, the sweeps, their reports and claims.md go; finished runs are reused.
+        quick: The smaller preset: emnist only, 10 rounds per run, two model widths.
+        jobs: Runs at a time (each with cores / jobs threads).
+    """
+    started = time.perf_counter()
+    name = "quick" if quick else "full"
+    preset, root = PRESETS[name], Path(out_dir)
+    clean, first, second = plan(preset, root)
+    run_phase(root, clean, first, jobs)
+    run_phase(root, [], second, jobs)
+    for invocation in [*first, *second]:
+        write_report([invocation.plan(root)[1]])
+    minutes = (time.perf_counter() - started) / 60
+    header = [f"Claims of Wang et al., \"Attack of the Tails\" (NeurIPS 2020), on the {name} preset in {root}",
+              f"(emnist on the mnist source{', sentiment140 on its 100k sample' if preset.sentiment else ''}; "
+              f"{preset.rounds}-round attacks from a clean model; this invocation took {minutes:.1f} min)", ""]
+    lines = header + check(preset, root, first, second)
+    text = "\n".join(lines)
+    print(text)
+    (root / "claims.md").write_text("```\n" + text + "\n```\n")

@@ -1,0 +1,279 @@
+"""Tables and figures of runs and sweeps: `python -m fl_lightning report RUN_OR_SWEEP_DIR...`.
+
+Reproduces the way Wang et al., "Attack of the Tails: Yes, You Really Can Backdoor Federated
+Learning", NeurIPS 2020 (arXiv:2007.05084), show their results: main-task and target-task (backdoor)
+accuracy against communication rounds, one line per attack or defense, the target-task curve
+smoothed by a rolling mean over 10 rounds (`min_periods=1`, as the authors' plotting notebook does).
+The Markdown table gives, per run or per group of runs with the same swept values (seeds averaged):
+final main-task accuracy, final, last-10-round and best backdoor accuracy, the mean backdoor accuracy
+over all rounds, and the rounds the smoothed backdoor curve takes to reach 50 %.
+
+A directory is read as a sweep when it holds `index.jsonl` (written by `sweep`), as a run when it
+holds `metrics.csv`, and otherwise searched for both. Figures are drawn with matplotlib's Agg canvas
+(no display, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from fl_lightning.config import flatten_config
+from fl_lightning.sweep import INDEX_JSONL, read_index, short_class_name, slug
+
+SMOOTH_WINDOW = 10
+THRESHOLD = 0.5
+# Settings that say where or how a run ran, not what it measured: never a reason to tell runs apart.
+BOOKKEEPING = ("name", "out_dir", "data_dir", "resume", "accelerator", "devices", "num_nodes", "num_threads",
+               "log.", "fl.eval_batch_size", "fl.checkpoint_every", "data.download")
+
+
+@dataclass
+class RunResult:
+    """One run's parameters (as swept, or its flattened config) and its per-round metrics."""
+
+    name: str
+    path: Path
+    params: dict[str, Any]
+    metrics: pd.DataFrame
+    swept_keys: tuple[str, ...] = ()
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """The evaluated rounds of `metrics.csv` (rows with a main accuracy), by round."""
+    metrics = pd.read_csv(Path(run_dir) / "metrics.csv")
+    metrics = metrics[metrics["main_acc"].notna()] if "main_acc" in metrics else metrics.iloc[:0]
+    return metrics.sort_values("round").reset_index(drop=True)
+
+
+def smooth(values: pd.Series, window: int = SMOOTH_WINDOW) -> pd.Series:
+    """The authors' smoothing of the target-task curve: a rolling mean over `window` rounds, min_periods=1."""
+    return values.rolling(window, min_periods=1).mean()
+
+
+def rounds_to(metrics: pd.DataFrame, threshold: float = THRESHOLD, window: int = SMOOTH_WINDOW) -> int | None:
+    """The first round at which the smoothed backdoor accuracy reaches `threshold`; None if it never does.
+
+    The smoothed curve (as plotted) is used so that one lucky round right after an attack does not count.
+    """
+    reached = metrics["round"][smooth(metrics["backdoor_acc"], window) >= threshold]
+    return int(reached.iloc[0]) if len(reached) else None
+
+
+def summarize(metrics: pd.DataFrame, window: int = SMOOTH_WINDOW) -> dict[str, Any]:
+    """The table's numbers for one run (or one averaged group curve); accuracies are fractions."""
+    backdoor, after_start = metrics["backdoor_acc"], metrics["round"] > 0
+    return {
+        "rounds": int(metrics["round"].iloc[-1]),
+        "final_main": float(metrics["main_acc"].iloc[-1]),
+        "smoothed_main": float(smooth(metrics["main_acc"], window).iloc[-1]),
+        "final_backdoor": float(backdoor.iloc[-1]),
+        "smoothed_backdoor": float(smooth(backdoor, window).iloc[-1]),
+        "best_backdoor": float(backdoor.max()),
+        "mean_backdoor": float(backdoor[after_start].mean()) if after_start.any() else float(backdoor.mean()),
+        "mean_main": float(metrics["main_acc"][after_start].mean()) if after_start.any() else float("nan"),
+        "rounds_to_50": rounds_to(metrics, THRESHOLD, window),
+    }
+
+
+def find_runs(path: str | Path) -> list[RunResult]:
+    """The runs under a sweep directory, a run directory, or any folder holding either."""
+    path = Path(path)
+    if (path / INDEX_JSONL).is_file():
+        runs = []
+        for row in read_index(path):
+            run_dir = Path(row["run_dir"])
+            run_dir = run_dir if run_dir.is_dir() else path / row["name"]  # the sweep directory was moved
+            if (run_dir / "metrics.csv").is_file():
+                runs.append(RunResult(row["name"], run_dir, row["params"], read_metrics(run_dir),
+                                      tuple(row.get("swept_keys", ()))))
+        return runs
+    if (path / "metrics.csv").is_file():
+        return [RunResult(path.name, path, run_config(path), read_metrics(path))]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a run directory (metrics.csv) nor a sweep directory "
+                                f"({INDEX_JSONL}) nor a folder holding them")
+    return [run for child in sorted(p for p in path.iterdir() if p.is_dir()) for run in find_runs(child)]
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """A run's saved config.yaml as dotted keys (the sweeps' keys), lists kept as values."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return {}
+    return flatten_config(yaml.safe_load(config_path.read_text()) or {})
+
+
+def varying_keys(runs: list[RunResult]) -> list[str]:
+    """The keys that tell these runs apart: the sweeps' swept keys, else config keys whose values differ."""
+    swept = list(dict.fromkeys(k for run in runs for k in run.swept_keys))
+    if swept and all(run.swept_keys for run in runs):
+        return swept
+    keys = list(dict.fromkeys(k for run in runs for k in run.params))
+    keys = [k for k in keys if not any(k == b or (b.endswith(".") and k.startswith(b)) for b in BOOKKEEPING)]
+    return [k for k in keys if len({json.dumps(run.params.get(k), sort_keys=True, default=str) for run in runs}) > 1]
+
+
+def pretty(value: Any) -> str:
+    """A value as a legend shows it: `Krum`, `NormClipping(norm_bound=1.5)`, `mode=pgd, eps=1`."""
+    if isinstance(value, dict):
+        if "class_path" in value:
+            args = value.get("init_args") or {}
+            name = short_class_name(value["class_path"])
+            return f"{name}({', '.join(f'{k}={pretty(v)}' for k, v in args.items())})" if args else name
+        return ", ".join(f"{k}={pretty(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "; ".join(pretty(v) for v in value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return short_class_name(value) if isinstance(value, str) else str(value)
+
+
+def short_key(key: str) -> str:
+    """`callbacks.init_args` -> `callbacks`, `aggregator.init_args.norm_bound` -> `aggregator.norm_bound`."""
+    return key.replace(".init_args", "")
+
+
+def label(params: dict[str, Any], keys: list[str]) -> str:
+    """A group's legend entry: the value alone for one key, else `key=value` pairs."""
+    if len(keys) == 1:
+        return pretty(params.get(keys[0]))
+    return "; ".join(f"{short_key(k)}={pretty(params.get(k))}" for k in keys) or "run"
+
+
+@dataclass
+class Group:
+    """Runs with the same values of the grouping keys; their curves are averaged by round."""
+
+    params: dict[str, Any]
+    runs: list[RunResult]
+
+    @property
+    def curve(self) -> pd.DataFrame:
+        columns = ["round", "main_acc", "backdoor_acc"]
+        frames = [run.metrics[columns] for run in self.runs]
+        return pd.concat(frames).groupby("round", as_index=False).mean()
+
+
+def group_runs(runs: list[RunResult], keys: list[str]) -> list[Group]:
+    """Groups runs by their values of `keys`, in first-seen order."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        params = {k: run.params.get(k) for k in keys}
+        groups.setdefault(json.dumps(params, sort_keys=True, default=str), Group(params, [])).runs.append(run)
+    return list(groups.values())
+
+
+def percent(value: float | None) -> str:
+    return "—" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def markdown_table(groups: list[Group], keys: list[str], window: int = SMOOTH_WINDOW) -> str:
+    """One row per group: its key values, run count and the summary numbers (accuracies in %)."""
+    header = [*(short_key(k) for k in keys), "runs", "rounds", "final main %", "final backdoor %",
+              f"backdoor %, last {window} rounds", "best backdoor %", "mean backdoor %",
+              f"rounds to {100 * THRESHOLD:.0f}% backdoor (smoothed)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in groups:
+        stats = summarize(group.curve, window)
+        cells = [*(pretty(group.params[k]).replace("|", "/") for k in keys), str(len(group.runs)),
+                 str(stats["rounds"]), percent(stats["final_main"]), percent(stats["final_backdoor"]),
+                 percent(stats["smoothed_backdoor"]), percent(stats["best_backdoor"]),
+                 percent(stats["mean_backdoor"]),
+                 "never" if stats["rounds_to_50"] is None else str(stats["rounds_to_50"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_groups(groups: list[Group], line_keys: list[str], path: Path, title: str,
+                window: int = SMOOTH_WINDOW) -> Path:
+    """The paper's figure: main-task accuracy (left) and smoothed target-task accuracy (right) vs rounds."""
+    # Imported here so that `fit` (same CLI) does not pay for matplotlib at start-up.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    main_ax, backdoor_ax = figure.subplots(1, 2, sharex=True)
+    colors = [f"C{i}" for i in range(10)]
+    for i, group in enumerate(groups):
+        curve, style = group.curve, {"color": colors[i % 10], "linestyle": "-" if i < 10 else "--", "linewidth": 1.6}
+        name = label(group.params, line_keys) if line_keys else "run"
+        main_ax.plot(curve["round"], 100 * curve["main_acc"], label=name, **style)
+        backdoor_ax.plot(curve["round"], 100 * smooth(curve["backdoor_acc"], window), label=name, **style)
+    for ax, ylabel in ((main_ax, "Main task accuracy (%)"),
+                       (backdoor_ax, f"Target task accuracy (%), {window}-round mean")):
+        ax.set_xlabel("Communication rounds")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    backdoor_ax.legend(fontsize=8, loc="best", title=", ".join(short_key(k) for k in line_keys) or None,
+                       title_fontsize=8)
+    figure.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def write_report(paths: list[str | Path], out: str | Path | None = None, group_by: list[str] | None = None,
+                 facet: str | None = None, window: int = SMOOTH_WINDOW) -> tuple[str, list[Path]]:
+    """Builds the table and figures of the runs under `paths`; the library form of `report`.
+
+    Returns:
+        The Markdown report and the PNG files written.
+    """
+    runs = [run for path in paths for run in find_runs(path)]
+    runs = [run for run in runs if "backdoor_acc" in run.metrics and len(run.metrics)]
+    if not runs:
+        raise FileNotFoundError(f"no runs with main and backdoor accuracy under {', '.join(map(str, paths))}")
+    keys = group_by if group_by is not None else [k for k in varying_keys(runs) if k != "seed"]
+    groups = group_runs(runs, keys)
+    out = Path(out) if out is not None else (Path(paths[0]) / "report" if len(paths) == 1 else Path("report"))
+    title = " + ".join(Path(p).resolve().name for p in paths)
+
+    # One figure per value of the facet key (the paper: one panel per attack, one line per defense).
+    if facet is None and len(keys) >= 2:
+        facet = keys[0]
+    line_keys = [k for k in keys if k != facet]
+    panels: dict[str, list[Group]] = {}
+    for group in groups:
+        panels.setdefault(slug(group.params.get(facet))[:60] if facet else "", []).append(group)
+    figures = []
+    for value, members in panels.items():
+        name = f"accuracy_{value}.png" if facet else "accuracy.png"
+        caption = f"{title}: {short_key(facet)} = {pretty(members[0].params.get(facet))}" if facet else title
+        figures.append(plot_groups(members, line_keys, out / name, caption, window))
+
+    text = (f"# Report: {title}\n\n{len(runs)} run(s) in {len(groups)} group(s)"
+            + (f", grouped by {', '.join(keys)}" if keys else "") + ". Accuracies in %; the backdoor (target-task)"
+            f" curve is smoothed by a {window}-round rolling mean.\n\n" + markdown_table(groups, keys, window) + "\n\n"
+            + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    return text, figures
+
+
+def report(paths: list[str], *, out: str | None = None, group_by: list[str] | None = None, facet: str | None = None,
+           window: int = SMOOTH_WINDOW) -> None:
+    """Markdown table and PNG figures (main-task and smoothed target-task accuracy vs rounds) of runs and sweeps.
+
+    Args:
+        paths: Run directories, sweep directories (with index.jsonl), or folders holding them.
+        out: Where report.md and the PNGs go; None: `<path>/report` for one path, else `./report`.
+        group_by: Keys whose values make a table row and a line (runs alike in them are averaged);
+            None: the swept keys (or the config keys that differ), except `seed`.
+        facet: Key with one figure per value (None: the first grouping key when there are several).
+        window: Rounds of the rolling mean over the target-task curve (the paper's 10).
+    """
+    text, figures = write_report(paths, out, group_by, facet, window)
+    print(text)
+    for figure in figures:
+        print(f"figure: {figure}", file=sys.stderr)

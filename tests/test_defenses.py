@@ -1,0 +1,428 @@
+"""Defenses: norm clipping, weak DP, Krum, Multi-Krum, RFA, coordinate median and trimmed mean.
+
+Hand-computed numbers for every rule, robustness properties over random seeds, agreement with a
+brute-force geometric median and with numpy transcriptions of the reference code, and two runs
+through the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from cli_helpers import read_metrics, run_cli
+
+from fl_lightning.aggregation import FedAvg, weighted_sum
+from fl_lightning.callbacks import (
+    CoordinateMedian,
+    GeometricMedian,
+    Krum,
+    MultiKrum,
+    NormClipping,
+    TrimmedMean,
+    WeakDP,
+    robust,
+)
+from fl_lightning.callbacks.clipping import clip_to_norm, row_norms
+from fl_lightning.callbacks.robust import gram_matrix, krum_scores, pairwise_sq_distances
+
+# Five updates on a line, shifted by a constant (distances ignore it): x = 0, 1, 2, 4, 10.
+LINE = torch.tensor([[0.0, 1.0, -1.0], [1.0, 1.0, -1.0], [2.0, 1.0, -1.0], [4.0, 1.0, -1.0], [10.0, 1.0, -1.0]])
+LINE_COUNTS = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----- norm clipping and weak DP -----
+
+def test_clip_to_norm_hand_computed():
+    # arrange: norms 10 and 1 against a bound of 2
+    deltas = torch.tensor([[6.0, 8.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    before = deltas.clone()
+    # act
+    clipped = clip_to_norm(deltas, 2.0)
+    # assert: [6, 8] / (10 / 2) = [1.2, 1.6]; the small row is untouched bit for bit; the input is not changed
+    torch.testing.assert_close(clipped[0], torch.tensor([1.2, 1.6, 0.0, 0.0]))
+    assert torch.equal(clipped[1], deltas[1]) and torch.equal(deltas, before)
+    assert clip_to_norm(deltas, 10.0) is deltas  # nothing to clip: no copy
+
+
+def test_clipping_leaves_small_updates_alone_and_clips_large_ones_to_the_bound():
+    g = gen(1)
+    directions = torch.randn(40, 1000, generator=g)
+    norms = torch.logspace(-2, 2, 40)  # 0.01 .. 100 around a bound of 1.5
+    deltas = directions / directions.norm(dim=1, keepdim=True) * norms[:, None]
+    clipped = clip_to_norm(deltas, 1.5)
+    small = deltas.norm(dim=1) <= 1.5
+    assert torch.equal(clipped[small], deltas[small])
+    torch.testing.assert_close(clipped[~small].norm(dim=1), torch.full(((~small).sum(),), 1.5), rtol=1e-6, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(clipped[~small], deltas[~small], dim=1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
+
+
+def test_clipping_is_exact_at_millions_of_parameters():
+    # a single float32 accumulation over 3M values would be off by ~1e-4; the blocked norms are not
+    g = gen(11)
+    deltas = torch.randn(2, 3_000_003, generator=g) * 0.01 + 0.005
+    norms = deltas.double().norm(dim=1)
+    torch.testing.assert_close(row_norms(deltas).double(), norms, rtol=1e-7, atol=0)
+    clipped = clip_to_norm(deltas, 1.0)
+    torch.testing.assert_close(clipped.double().norm(dim=1), torch.ones(2, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_norm_clipping_then_fedavg_hand_computed():
+    deltas = torch.tensor([[6.0, 8.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    result = NormClipping(norm_bound=2.0)(deltas, torch.tensor([1.0, 3.0]), gen())
+    # 0.25 * [1.2, 1.6, 0, 0] + 0.75 * [0, 0, 1, 0]
+    torch.testing.assert_close(result.update, torch.tensor([0.3, 0.4, 0.75, 0.0]))
+    torch.testing.assert_close(result.client_weights, torch.tensor([0.25, 0.75]))
+    assert isinstance(NormClipping().inner, FedAvg)
+
+
+def test_norm_clipping_wraps_any_inner_aggregator():
+    # rows of norm 5, 1 and 0.5 clipped to 1: [0.6, 0.8], [1, 0], [0, 0.5]; coordinate medians 0.6 and 0.5
+    deltas = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.5]])
+    result = NormClipping(norm_bound=1.0, inner=CoordinateMedian())(deltas, torch.ones(3), gen())
+    torch.testing.assert_close(result.update, torch.tensor([0.6, 0.5]))
+    assert result.client_weights is None
+
+
+def test_weak_dp_hand_computed():
+    deltas = torch.tensor([[6.0, 8.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    result = WeakDP(norm_bound=2.0, stddev=0.5)(deltas, torch.tensor([1.0, 3.0]), gen(7))
+    # the clipped mean plus 0.5 * N(0, 1) drawn from the round's generator
+    expected = torch.tensor([0.3, 0.4, 0.75, 0.0]) + 0.5 * torch.randn(4, generator=gen(7))
+    torch.testing.assert_close(result.update, expected)
+    torch.testing.assert_close(result.client_weights, torch.tensor([0.25, 0.75]))
+    again = WeakDP(norm_bound=2.0, stddev=0.5)(deltas, torch.tensor([1.0, 3.0]), gen(7))
+    other_round = WeakDP(norm_bound=2.0, stddev=0.5)(deltas, torch.tensor([1.0, 3.0]), gen(8))
+    assert torch.equal(result.update, again.update) and not torch.equal(result.update, other_round.update)
+
+
+def test_weak_dp_noise_has_the_asked_standard_deviation():
+    deltas = torch.zeros(3, 1_000_000)
+    update = WeakDP(norm_bound=1.0, stddev=0.025)(deltas, torch.ones(3), gen(3)).update
+    # the std of 1e6 draws is within 0.1% of sigma with overwhelming probability; 1% leaves room
+    assert abs(update.std().item() - 0.025) < 0.025 * 0.01
+    assert abs(update.mean().item()) < 5 * 0.025 / math.sqrt(1_000_000)
+
+
+def test_weak_dp_without_noise_is_norm_clipping():
+    deltas, counts = torch.randn(6, 100, generator=gen(2)) * 3, torch.arange(1.0, 7.0)
+    clipped = NormClipping(norm_bound=2.0)(deltas, counts, gen())
+    noiseless = WeakDP(norm_bound=2.0, stddev=0.0)(deltas, counts, gen())
+    assert torch.equal(clipped.update, noiseless.update)
+
+
+# ----- Krum and Multi-Krum -----
+
+def test_pairwise_sq_distances_hand_computed():
+    dists = pairwise_sq_distances(LINE)
+    expected = torch.tensor([[0, 1, 4, 16, 100], [1, 0, 1, 9, 81], [4, 1, 0, 4, 64], [16, 9, 4, 0, 36],
+                             [100, 81, 64, 36, 0]], dtype=torch.float64)
+    torch.testing.assert_close(dists, expected)
+    twins = pairwise_sq_distances(torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]))
+    assert torch.equal(twins, torch.zeros(2, 2, dtype=torch.float64))  # clamped at 0, never negative
+
+
+def test_krum_scores_hand_computed():
+    # f = 1, n = 5: each score sums the n - f - 2 = 2 smallest distances to the others
+    scores = krum_scores(pairwise_sq_distances(LINE), num_adversaries=1)
+    torch.testing.assert_close(scores, torch.tensor([1 + 4, 1 + 1, 1 + 4, 4 + 9, 36 + 64], dtype=torch.float64))
+
+
+def test_krum_hand_computed():
+    result = Krum(num_adversaries=1)(LINE, LINE_COUNTS, gen())
+    # lowest score: x = 1 (score 2); Krum returns that update with weight 1
+    assert torch.equal(result.update, LINE[1])
+    assert torch.equal(result.client_weights, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+
+
+def test_multi_krum_hand_computed_with_each_clients_own_count():
+    result = MultiKrum(num_adversaries=1)(LINE, LINE_COUNTS, gen())
+    # keeps n - f = 4 (drops x = 10, score 100); weights are the selected clients' own counts (1, 2, 3, 4) / 10,
+    # not shifted by one as in the reference's rounds without an attacker (spec Q11)
+    torch.testing.assert_close(result.client_weights, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0]))
+    torch.testing.assert_close(result.update, torch.tensor([0.1 * 0 + 0.2 * 1 + 0.3 * 2 + 0.4 * 4, 1.0, -1.0]))
+
+
+def test_multi_krum_num_selected_and_ties_to_the_lowest_index():
+    result = MultiKrum(num_adversaries=1, num_selected=2)(LINE, LINE_COUNTS, gen())
+    # scores 5, 2, 5, 13, 100: x = 1 first, then the tie between x = 0 and x = 2 goes to index 0
+    torch.testing.assert_close(result.client_weights, torch.tensor([1 / 3, 2 / 3, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(result.update, torch.tensor([2 / 3, 1.0, -1.0]))
+
+
+@pytest.mark.parametrize("num_adversaries", [1, 2])
+def test_krum_and_multi_krum_never_select_a_far_outlier(num_adversaries):
+    for seed in range(20):
+        g = gen(seed)
+        n, dim = 10, 30
+        deltas = torch.randn(n, dim, generator=g)
+        slots = torch.randperm(n, generator=g)[:num_adversaries]
+        far = torch.randn(dim, generator=g)
+        deltas[slots] = 100 * far / far.norm() + 0.01 * torch.randn(num_adversaries, dim, generator=g)  # colluding
+        counts = torch.randint(1, 100, (n,), generator=g).float()
+        counts[slots] = 1000.0  # big claimed datasets do not buy a selection
+        krum = Krum(num_adversaries)(deltas, counts, g)
+        multi = MultiKrum(num_adversaries)(deltas, counts, g)
+        assert krum.client_weights[slots].sum() == 0, seed
+        assert multi.client_weights[slots].sum() == 0, seed
+        assert (multi.client_weights > 0).sum() == n - num_adversaries
+
+
+def test_krum_selection_matches_a_per_pair_numpy_transcription_of_the_reference():
+    for seed in range(5):
+        g = gen(seed)
+        deltas = torch.randn(12, 500, generator=g) * torch.rand(12, 1, generator=g) * 3
+        points = deltas.numpy().astype(np.float64)
+        n, f = len(points), 2
+        dists = np.zeros((n, n))
+        for i in range(n):
+            for j in range(i + 1, n):
+                dists[i, j] = dists[j, i] = np.linalg.norm(points[i] - points[j]) ** 2
+        scores = [np.sort(np.delete(dists[i], i))[: n - f - 2].sum() for i in range(n)]
+        assert int(Krum(f)(deltas, torch.ones(n), g).client_weights.argmax()) == int(np.argmin(scores))
+        kept = MultiKrum(f)(deltas, torch.ones(n), g).client_weights > 0
+        assert set(kept.nonzero().flatten().tolist()) == set(np.argsort(scores)[: n - f].tolist())
+
+
+def test_krum_needs_more_than_2f_plus_2_updates():
+    with pytest.raises(ValueError, match=r"Krum with num_adversaries=1 needs more than .* = 4 updates.*got 4"):
+        Krum(num_adversaries=1)(LINE[:4], LINE_COUNTS[:4], gen())
+    with pytest.raises(ValueError, match=r"MultiKrum num_selected=6 must be in 1\.\.5"):
+        MultiKrum(num_adversaries=1, num_selected=6)(LINE, LINE_COUNTS, gen())
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: Krum(-1), "Krum num_adversaries must be an integer >= 0"),
+    (lambda: Krum(1.5), "Krum num_adversaries must be an integer >= 0"),
+    (lambda: MultiKrum(1, 0), "MultiKrum num_selected must be an integer >= 1"),
+    (lambda: GeometricMedian(max_iterations=-1), "GeometricMedian max_iterations must be an integer >= 0"),
+    (lambda: GeometricMedian(smoothing=0.0), "GeometricMedian smoothing must be a finite number > 0"),
+    (lambda: GeometricMedian(tolerance=float("nan")), "GeometricMedian tolerance must be a finite number >= 0"),
+    (lambda: TrimmedMean(0.5), r"TrimmedMean beta must be in \[0, 0.5\)"),
+    (lambda: TrimmedMean(-0.1), "TrimmedMean beta must be a finite number >= 0"),
+    (lambda: NormClipping(0.0), "NormClipping norm_bound must be a finite number > 0"),
+    (lambda: NormClipping(float("inf")), "NormClipping norm_bound must be a finite number > 0"),
+    (lambda: NormClipping(1.0, inner="FedAvg"), "NormClipping inner must be an Aggregator or None"),
+    (lambda: WeakDP(stddev=-1.0), "WeakDP stddev must be a finite number >= 0"),
+])
+def test_bad_parameters_get_a_clear_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# ----- RFA (geometric median) -----
+
+def test_rfa_hand_computed_square_and_weighted_line():
+    # four corners of a square, equal counts: the median is the centre, every client gets 1/4
+    square = torch.tensor([[1.0, 1.0, 7.0], [-1.0, 1.0, 7.0], [-1.0, -1.0, 7.0], [1.0, -1.0, 7.0]])
+    result = GeometricMedian()(square, torch.full((4,), 5.0), gen())
+    torch.testing.assert_close(result.update, torch.tensor([0.0, 0.0, 7.0]))
+    torch.testing.assert_close(result.client_weights, torch.full((4,), 0.25))
+    # on a line the geometric median is the weighted median: counts 1..5 put it at x = 4 (6 of 15 below)
+    result = GeometricMedian()(LINE, LINE_COUNTS, gen())
+    torch.testing.assert_close(result.update, LINE[3], atol=1e-4, rtol=0)
+    assert result.client_weights.argmax() == 3 and result.client_weights[3] > 0.9999
+
+
+def test_rfa_hand_computed_fermat_point():
+    # (0,0), (1,0), (0,1): the Fermat point (t, t) with 6t^2 - 6t + 1 = 0, t = (3 - sqrt 3) / 6, where the
+    # unit vectors to the corners sum to 0; Weiszfeld weights 1/d normalised: [1/sqrt 3, t, t]
+    t = (3 - math.sqrt(3)) / 6
+    corners = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    result = GeometricMedian(max_iterations=1000, tolerance=0.0)(corners, torch.ones(3), gen())
+    torch.testing.assert_close(result.update, torch.tensor([t, t], dtype=torch.float64))
+    torch.testing.assert_close(result.client_weights, torch.tensor([1 / math.sqrt(3), t, t], dtype=torch.float64))
+
+
+def brute_force_geometric_median(points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """argmin_z sum_k w_k |z - p_k| over 2-D points by coarse-to-fine grid search (the objective is convex)."""
+    center = (points.min(0).values + points.max(0).values) / 2
+    half = float((points.max(0).values - points.min(0).values).max()) / 2 + 1e-9
+    for _ in range(14):
+        offsets = torch.linspace(-half, half, 41, dtype=torch.float64)
+        gx, gy = torch.meshgrid(center[0] + offsets, center[1] + offsets, indexing="ij")
+        grid = torch.stack([gx.flatten(), gy.flatten()], dim=1)  # [41 * 41, 2], small enough to stay single-threaded
+        center = grid[((grid[:, None, :] - points[None]).norm(dim=2) * weights).sum(1).argmin()]
+        half *= 4 / 40  # keep two cells either side of the best point
+    return center
+
+
+def objective(z: torch.Tensor, points: torch.Tensor, weights: torch.Tensor) -> float:
+    return float((torch.cdist(z[None], points) * weights).sum())
+
+
+def test_rfa_agrees_with_a_brute_force_geometric_median():
+    for seed in range(8):
+        g = gen(seed)
+        n = 3 + seed % 5
+        points = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        counts = torch.randint(1, 10, (n,), generator=g).double()
+        best = brute_force_geometric_median(points, counts)
+        # the paper's settings stop on a relative objective change of 1e-7: optimal to ~1e-5 in objective
+        paper = GeometricMedian()(points, counts, g).update
+        assert objective(paper, points, counts) <= objective(best, points, counts) * (1 + 1e-5), seed
+        # run to convergence, it finds the minimiser itself (up to the 1e-5 smoothing)
+        converged = GeometricMedian(max_iterations=1000, tolerance=0.0)(points, counts, g).update
+        torch.testing.assert_close(converged, best, atol=5e-5, rtol=0)
+
+
+def reference_rfa(points: np.ndarray, counts: np.ndarray, maxiter: int = 500, eps: float = 1e-5,
+                  ftol: float = 1e-7) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's smoothed Weiszfeld (paper spec 4.5), transcribed to numpy: direct float64 distances."""
+    alphas = counts / counts.sum()
+    median = (alphas[:, None] * points).sum(0)
+    obj = sum(a * np.linalg.norm(median - p) for a, p in zip(alphas, points))
+    weights = alphas
+    for _ in range(maxiter):
+        prev = obj
+        weights = np.array([a / max(eps, np.linalg.norm(median - p)) for a, p in zip(alphas, points)])
+        weights = weights / weights.sum()
+        median = (weights[:, None] * points).sum(0)
+        obj = sum(a * np.linalg.norm(median - p) for a, p in zip(alphas, points))
+        if abs(prev - obj) < ftol * obj:
+            break
+    return median, weights
+
+
+@pytest.mark.parametrize("colluders", [1, 6])
+def test_rfa_matches_the_reference_algorithm(colluders):
+    # 10 float32 updates with a shared direction; the attackers send one identical, scaled update. With 6
+    # of 10 they hold the majority and the median sits on their point, where distances reach the smoothing.
+    g = gen(colluders)
+    deltas = torch.randn(10, 3000, generator=g) * 0.01 + 0.02 * torch.randn(3000, generator=g)
+    deltas[:colluders] = deltas[0] * 20
+    counts = torch.randint(50, 500, (10,), generator=g).float()
+    result = GeometricMedian()(deltas, counts, gen())
+    median, weights = reference_rfa(deltas.double().numpy(), counts.double().numpy())
+    torch.testing.assert_close(result.update, torch.from_numpy(median).float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(result.client_weights, torch.from_numpy(weights).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_rfa_without_iterations_is_the_weighted_mean():
+    deltas, counts = torch.randn(5, 40, generator=gen(4)), torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
+    result = GeometricMedian(max_iterations=0)(deltas, counts, gen())
+    torch.testing.assert_close(result.update, counts @ deltas / counts.sum())
+    torch.testing.assert_close(result.client_weights, counts / counts.sum())
+
+
+# ----- coordinate-wise rules -----
+
+def test_coordinate_median_hand_computed():
+    odd = torch.tensor([[1.0, 5.0, -1.0], [2.0, 0.0, 7.0], [10.0, 3.0, 3.0]])
+    result = CoordinateMedian()(odd, torch.tensor([1.0, 1.0, 100.0]), gen())
+    assert torch.equal(result.update, torch.tensor([2.0, 3.0, 3.0])) and result.client_weights is None
+    even = torch.cat([odd, torch.tensor([[4.0, -2.0, 0.0]])])
+    # middle two values per coordinate: (2, 4) -> 3, (0, 3) -> 1.5, (0, 3) -> 1.5
+    assert torch.equal(CoordinateMedian()(even, torch.ones(4), gen()).update, torch.tensor([3.0, 1.5, 1.5]))
+
+
+def test_trimmed_mean_hand_computed():
+    deltas = torch.tensor([[1.0, 50.0], [2.0, -3.0], [3.0, 0.0], [4.0, 1.0], [100.0, 2.0]])
+    # beta 0.2 of 5 trims one value at each end: mean(2, 3, 4) = 3; mean(0, 1, 2) = 1
+    result = TrimmedMean(beta=0.2)(deltas, torch.arange(1.0, 6.0), gen())
+    torch.testing.assert_close(result.update, torch.tensor([3.0, 1.0]))
+    assert result.client_weights is None
+    # beta 0.3 of 10 trims 3 (not 3.0000000000000004 -> 3 by luck); beta 0: the unweighted mean
+    ten = torch.arange(10.0)[:, None]
+    assert TrimmedMean(beta=0.3)(ten, torch.ones(10), gen()).update.item() == 4.5
+    torch.testing.assert_close(TrimmedMean(beta=0.0)(deltas, torch.ones(5), gen()).update, deltas.mean(0))
+    assert TrimmedMean(beta=0.29)(ten, torch.ones(10), gen()).update.item() == 4.5  # floor(2.9) = 2: mean(2..7)
+
+
+# ----- properties shared by the rules -----
+
+@pytest.mark.parametrize("make", [FedAvg, CoordinateMedian, GeometricMedian, lambda: TrimmedMean(0.2),
+                                  lambda: MultiKrum(1), lambda: NormClipping(1.0)], ids=lambda m: getattr(
+                                      m, "__name__", "factory"))
+def test_rules_do_not_depend_on_client_order(make):
+    g = gen(5)
+    deltas = torch.randn(9, 200, generator=g) * torch.rand(9, 1, generator=g) * 3
+    counts = torch.randint(1, 100, (9,), generator=g).float()
+    perm = torch.randperm(9, generator=g)
+    a = make()(deltas, counts, gen())
+    b = make()(deltas[perm], counts[perm], gen())
+    torch.testing.assert_close(a.update, b.update)
+    if a.client_weights is not None:
+        torch.testing.assert_close(a.client_weights[perm], b.client_weights)
+
+
+@pytest.mark.parametrize("make", [lambda: Krum(1), lambda: MultiKrum(1), GeometricMedian, CoordinateMedian,
+                                  lambda: TrimmedMean(0.2), lambda: NormClipping(1.0), lambda: WeakDP(1.0, 0.1)])
+def test_rules_leave_their_inputs_alone_and_weights_sum_to_one(make):
+    deltas, counts = torch.randn(7, 300, generator=gen(6)) * 2, torch.arange(1.0, 8.0)
+    before = (deltas.clone(), counts.clone())
+    result = make()(deltas, counts, gen())
+    assert torch.equal(deltas, before[0]) and torch.equal(counts, before[1])
+    assert result.update.shape == (300,) and result.update.dtype == deltas.dtype
+    if result.client_weights is not None:
+        torch.testing.assert_close(result.client_weights.sum(), torch.tensor(1.0))
+
+
+def test_gram_matrix_is_accurate_over_many_columns_and_in_the_float64_fallback(monkeypatch):
+    g = gen(8)
+    deltas = torch.randn(6, 5 * robust.GRAM_BLOCK + 17, generator=g) + 0.5  # blocks plus a tail
+    exact = deltas.double() @ deltas.double().T
+    torch.testing.assert_close(gram_matrix(deltas), exact, rtol=1e-6, atol=0)  # float32 within a block
+    monkeypatch.setattr(robust, "_fp32_matmul_is_exact", lambda device: False)  # as under TF32 / bf16 matmuls
+    monkeypatch.setattr(robust, "GRAM_MAX_PARTIAL", 6 * robust.GRAM_BLOCK * 2)  # two blocks per product
+    torch.testing.assert_close(gram_matrix(deltas), exact, rtol=1e-12, atol=0)
+
+
+def test_chunked_paths_agree_with_unchunked_ones(monkeypatch):
+    g = gen(9)
+    deltas, counts = torch.randn(7, 1000, generator=g), torch.randint(1, 50, (7,), generator=g).float()
+    rules = [lambda: MultiKrum(1), GeometricMedian, CoordinateMedian, lambda: TrimmedMean(0.2)]
+    whole = [make()(deltas, counts, gen()) for make in rules]
+    monkeypatch.setattr(robust, "CPU_COLUMN_CHUNK", 33)
+    monkeypatch.setattr(robust, "SORT_COLUMN_CHUNK", 45)
+    monkeypatch.setattr(robust, "GRAM_BLOCK", 64)
+    monkeypatch.setattr(robust, "GRAM_MAX_PARTIAL", 7 * 7 * 3)  # three blocks per product
+    for make, reference in zip(rules, whole):
+        result = make()(deltas, counts, gen())
+        torch.testing.assert_close(result.update, reference.update, rtol=1e-6, atol=1e-7)
+    # the chunked weighted sum keeps weighted_sum's element-wise order: bitwise equal
+    weights = counts / counts.sum()
+    assert torch.equal(robust._weighted_sum(deltas, weights.tolist(), deltas.dtype), weighted_sum(deltas, weights))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    g = gen(10)
+    deltas = torch.randn(12, 300_000, generator=g) * torch.rand(12, 1, generator=g)
+    counts = torch.randint(1, 100, (12,), generator=g).float()
+    rules = [lambda: Krum(1), lambda: MultiKrum(1), GeometricMedian, CoordinateMedian, lambda: TrimmedMean(0.1),
+             lambda: NormClipping(0.5), lambda: WeakDP(0.5, 0.1)]
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # restored by the conftest fixture
+        results[threads] = [make()(deltas, counts, gen()) for make in rules]
+    for one, two in zip(results[1], results[2]):
+        assert torch.equal(one.update, two.update)
+
+
+# ----- through the CLI -----
+
+def test_weak_dp_around_krum_through_the_cli(tmp_path):
+    # one run covers both (a CLI start costs seconds): WeakDP's clipping and noise around an inner Krum that
+    # must give the model-replacement attacker of every round no weight
+    run_cli("fit", "--task", "toy", "--aggregator", "WeakDP", "--aggregator.stddev", "0.01",
+            "--aggregator.inner", "Krum", "--aggregator.inner.num_adversaries", "1", "--fl.rounds", "2",
+            "--callbacks+=EdgeCaseAttack", "--callbacks.attack_every", "1", "--callbacks.model_replacement", "true",
+            "--log.logger", "csv", "--log.progress_bar", "false", "--name", "dp_krum", "--accelerator", "cpu",
+            cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "dp_krum"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())["aggregator"]
+    assert config["class_path"] == "fl_lightning.callbacks.clipping.WeakDP"
+    assert config["init_args"]["stddev"] == 0.01 and config["init_args"]["norm_bound"] == 2.0
+    assert config["init_args"]["inner"] == {"class_path": "fl_lightning.callbacks.robust.Krum",
+                                            "init_args": {"num_adversaries": 1}}
+    rows = read_metrics(run_dir)[1:]
+    assert [float(r["num_adversaries"]) for r in rows] == [1.0, 1.0]
+    assert [float(r["adversary_weight"]) for r in rows] == [0.0, 0.0]
