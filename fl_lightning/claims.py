@@ -55,6 +55,8 @@ EMNIST = ["task=emnist", "data.source=mnist", "log.logger=csv", "log.progress_ba
           "fl.checkpoint_every=10"]
 SENTIMENT = ["task=sentiment140", "fl.num_clients=500", "log.logger=csv", "log.progress_bar=false",
              "fl.eval_every=1", "fl.checkpoint_every=10"]
+# Every attack run: the attacker's own accuracy would cost a second 10,000-image evaluation per round.
+ATTACK = ["callbacks.measure_attacker=false", "callbacks.attack_every=1"]
 CASES = {"edge": "100 %", "almost_edge": "50 %", "normal": "10 %"}
 DEFENSES = ("FedAvg", "NormClipping", "WeakDP", "Krum", "MultiKrum", "GeometricMedian")
 
@@ -110,22 +112,22 @@ def plan(preset: Preset, out_dir: Path) -> tuple[list[PlannedRun], list[Invocati
 
     A run with a model of its own gets its own invocation (and directory), since `--set` fixes one value.
     """
-    every_round = "callbacks.attack_every=1"
     emnist_clean = clean_run(out_dir, "emnist_clean", [*EMNIST, f"fl.rounds={preset.pretrain_rounds}",
                                                        "fl.eval_every=0"])
-    attack = [*EMNIST, f"fl.rounds={preset.rounds}", f"init_from={emnist_clean.run_dir}"]
+    attack = [*EMNIST, *ATTACK, f"fl.rounds={preset.rounds}", f"init_from={emnist_clean.run_dir}"]
     clean = [emnist_clean]
-    first = [Invocation(4, "emnist_capacity.yaml", [*EMNIST, f"fl.rounds={preset.capacity_rounds}", every_round,
+    first = [Invocation(4, "emnist_capacity.yaml", [*EMNIST, *ATTACK, f"fl.rounds={preset.capacity_rounds}",
                                                     f"model={model}"], f"emnist_{model}")
              for model in preset.widths]
     second = [
-        Invocation(1, "emnist_edge_case.yaml", [*attack, every_round], "emnist"),
+        Invocation(1, "emnist_edge_case.yaml", attack, "emnist"),
         # The grid's first 12 runs: black-box and PGD against the six defenses (no model replacement).
-        Invocation(2, "emnist_defenses.yaml", [*attack, every_round], "emnist", max_runs=12),
-        Invocation(3, "emnist_attack_frequency.yaml", attack, "emnist"),
+        Invocation(2, "emnist_defenses.yaml", attack, "emnist", max_runs=12),
+        # The file sweeps callbacks.attack_every, so it keeps its values.
+        Invocation(3, "emnist_attack_frequency.yaml", [a for a in attack if "attack_every" not in a], "emnist"),
     ]
     if preset.sentiment:
-        s140 = [*SENTIMENT, f"fl.rounds={preset.s140_rounds}", every_round]
+        s140 = [*SENTIMENT, *ATTACK, f"fl.rounds={preset.s140_rounds}"]
         for model in preset.s140_models:
             run = clean_run(out_dir, f"sentiment140_clean_{model}",
                             [*SENTIMENT, f"model={model}", f"fl.rounds={preset.s140_pretrain_rounds}"])

@@ -10,6 +10,7 @@ screen; everything else here is setup and measurement.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -305,6 +306,8 @@ class Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "config.yaml", "w") as handle:
             yaml.safe_dump(config, handle, sort_keys=False)
+        for file_name, source in self.task.artifacts().items():
+            shutil.copy2(source, run_dir / file_name)
         if log.logger != "none":
             self.metrics_csv = MetricsCSV(run_dir / "metrics.csv", resume_round=resumed_round)
         self.wandb = make_wandb_logger(log, run_dir, run_dir.name, wandb_id)

@@ -174,6 +174,10 @@ class Task(L.LightningModule, ABC):
     def prepare_data(self) -> None:
         """Downloads and converts the task's data into `settings.data_dir` if missing (rank 0 first)."""
 
+    def artifacts(self) -> dict[str, Path]:
+        """Files a run keeps beside its model, by name in the run directory (e.g. a trained tokenizer)."""
+        return {}
+
     @abstractmethod
     def build_data(self) -> FederatedData:
         """Loads the task's tensors and partitions them over `settings.num_clients` clients."""

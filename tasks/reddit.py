@@ -136,6 +136,10 @@ class LSTMLanguageModel(nn.Module):
         outputs, _ = self.lstm(self.dropout(self.embedding(tokens.long())))
         return self.dropout(outputs)
 
+    def artifacts(self) -> dict[str, Path]:
+        """The tokenizer trained for this run, kept in the run directory as `tokenizer.json`."""
+        return {"tokenizer.json": self.tokenizer_path} if self.tokenizer_path is not None else {}
+
     def forward(self, tokens: Tensor) -> Tensor:
         """Next-token logits `[B, T, V]`."""
         return self.decoder(self.hidden(tokens))

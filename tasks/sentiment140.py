@@ -177,6 +177,10 @@ class Sentiment140(Task):
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_path: Path | None = None
 
+    def artifacts(self) -> dict[str, Path]:
+        """The tokenizer trained for this run, kept in the run directory as `tokenizer.json`."""
+        return {"tokenizer.json": self.tokenizer_path} if self.tokenizer_path is not None else {}
+
     # ----- model -----
 
     def forward(self, tokens: Tensor) -> Tensor:

@@ -29,6 +29,13 @@ from fl_lightning.tasks.sentiment140 import LSTMClassifier, Sentiment140, frame_
 # ----- fixtures -----
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per test process: the tests run two processes on two shared cores, and LSTM kernels
+    slow down tenfold when threads outnumber free cores (conftest restores the setting)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def derived_cache(tmp_path_factory):
     """Tokenizers go to a temporary cache, never into the (read-only) shared data or the home folder."""
