@@ -43,10 +43,12 @@ def gather_updates(fabric: Fabric, local: list[ClientUpdate], num_slots: int, nu
     if [records[i]["slot"] for i in order] != list(range(num_slots)):
         raise RuntimeError(f"gathered slots {[records[i]['slot'] for i in order]} do not cover 0..{num_slots - 1}")
     records = [records[i] for i in order]
-    index = torch.tensor([rows[i] for i in order], device=device)
+    index = [rows[i] for i in order]
+    if index != list(range(deltas.shape[0])):  # one process and no padding: already in order, no copy
+        deltas = deltas.index_select(0, torch.tensor(index, device=device))
     return RoundUpdates(
         client_ids=torch.tensor([r["client_id"] for r in records], dtype=torch.int64),
-        deltas=deltas.index_select(0, index),
+        deltas=deltas,
         num_examples=torch.tensor([float(r["num_examples"]) for r in records], device=device),
         losses=torch.tensor([r["loss"] for r in records]),
         is_adversary=torch.tensor([r["is_adversary"] for r in records], dtype=torch.bool),
