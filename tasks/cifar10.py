@@ -48,13 +48,7 @@ from torch import Tensor, nn
 
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, load_numpy_pickle, save_npz
 from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import (
-    attach_to_clients,
-    default_min_size,
-    dirichlet_partition,
-    iid_partition,
-    spread_over_holders,
-)
+from fl_lightning.tasks.partition import attach_to_clients, label_partition, spread_over_holders
 
 NUM_CLASSES = 10
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -342,17 +336,8 @@ class Cifar10(Task):
         y_train = main["y_train"].astype(np.int64)
         num_train = y_train.shape[0]
 
-        partition = settings.partition or self.data_preset["partition"]
-        if partition == "dirichlet":
-            parts = dirichlet_partition(y_train, settings.num_clients, settings.alpha, settings.seed,
-                                        min_size=default_min_size(num_train, settings.num_clients))
-        elif partition == "iid":
-            parts = iid_partition(num_train, settings.num_clients, settings.seed)
-        elif partition == "natural":
-            raise ValueError("partition 'natural' needs user ids, which CIFAR-10 does not have; use 'dirichlet' "
-                             "(the paper's) or 'iid'")
-        else:
-            raise ValueError(f"unknown partition {partition!r}; allowed: dirichlet, iid")
+        parts = label_partition(settings.partition or self.data_preset["partition"], y_train,
+                                settings.num_clients, settings.alpha, settings.seed, self.name)
 
         # Pools of paper-spec §2.4: the edge case samples the attacker's planes from the 784-image
         # train pool; the other two cases give the attacker the fixed 100-image file and honest

@@ -49,13 +49,7 @@ from torch import Tensor, nn
 
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, save_npz
 from fl_lightning.tasks.base import ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import (
-    attach_to_clients,
-    default_min_size,
-    dirichlet_partition,
-    iid_partition,
-    spread_over_holders,
-)
+from fl_lightning.tasks.partition import attach_to_clients, label_partition, spread_over_holders
 
 NUM_CLASSES = 10
 # MNIST statistics; the reference normalises EMNIST with them too (paper-spec §2.2).
@@ -357,17 +351,8 @@ class Emnist(Task):
         y_train = main["y_train"].astype(np.int64)
         num_train = y_train.shape[0]
 
-        partition = settings.partition or self.data_preset["partition"]
-        if partition == "dirichlet":
-            parts = dirichlet_partition(y_train, settings.num_clients, settings.alpha, settings.seed,
-                                        min_size=default_min_size(num_train, settings.num_clients))
-        elif partition == "iid":
-            parts = iid_partition(num_train, settings.num_clients, settings.seed)
-        elif partition == "natural":
-            raise ValueError("partition 'natural' needs writer ids, which the EMNIST digits / MNIST files do not "
-                             "have; use 'dirichlet' (the paper's) or 'iid'")
-        else:
-            raise ValueError(f"unknown partition {partition!r}; allowed: dirichlet, iid")
+        parts = label_partition(settings.partition or self.data_preset["partition"], y_train,
+                                settings.num_clients, settings.alpha, settings.seed, self.name)
 
         # The attacker's set: the first `edge_count` ARDIS sevens (as the reference's shipped file),
         # relabelled 1, then `clean_count` training images drawn by seed, with their true labels.

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from fl_lightning.data import DataError
 from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import default_min_size, dirichlet_partition, iid_partition
+from fl_lightning.tasks.partition import label_partition
 
 IMAGENET_ENV = "FL_LIGHTNING_IMAGENET"
 EDGE_ENV = "FL_LIGHTNING_IMAGENET_EDGE"
@@ -227,14 +227,8 @@ class Imagenet(Task):
         train_ids, test_ids = ids[:n_train], ids[n_train:n_train + n_test]
         edge_ids, edge_test_ids = ids[n_train + n_test:n_train + n_test + n_edge], ids[n_train + n_test + n_edge:]
 
-        partition = settings.partition or self.data_preset["partition"]
-        if partition == "dirichlet":
-            parts = dirichlet_partition(y_train, settings.num_clients, settings.alpha, settings.seed,
-                                        min_size=default_min_size(n_train, settings.num_clients))
-        elif partition == "iid":
-            parts = iid_partition(n_train, settings.num_clients, settings.seed)
-        else:
-            raise ValueError(f"unknown partition {partition!r} for task imagenet; allowed: dirichlet, iid")
+        parts = label_partition(settings.partition or self.data_preset["partition"], y_train,
+                                settings.num_clients, settings.alpha, settings.seed, self.name)
 
         rng = np.random.default_rng([settings.seed, 4001])
         clean = np.sort(rng.choice(n_train, size=min(self.clean_count, n_train), replace=False))

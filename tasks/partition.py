@@ -155,3 +155,22 @@ def default_min_size(num_examples: int, num_clients: int, preferred: int = 10) -
     (mean 71) and CIFAR-10 (mean 250), 3 for MNIST over 3383 clients.
     """
     return max(1, min(preferred, (num_examples // num_clients) // 5))
+
+
+def label_partition(partition: str, labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+                    task_name: str) -> list[np.ndarray]:
+    """The `dirichlet` or `iid` split of a labelled dataset without user ids (the vision tasks).
+
+    Raises:
+        ValueError: For `natural` (these datasets carry no user ids) or an unknown name.
+    """
+    num_examples = int(np.asarray(labels).shape[0])
+    if partition == "dirichlet":
+        return dirichlet_partition(labels, num_clients, alpha, seed,
+                                   min_size=default_min_size(num_examples, num_clients))
+    if partition == "iid":
+        return iid_partition(num_examples, num_clients, seed)
+    if partition == "natural":
+        raise ValueError(f"partition 'natural' needs user ids, which task {task_name!r} does not have; "
+                         "use 'dirichlet' (the paper's) or 'iid'")
+    raise ValueError(f"unknown partition {partition!r} for task {task_name!r}; allowed: dirichlet, iid")
