@@ -59,7 +59,6 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -230,13 +229,6 @@ class Reddit(Task):
             loss_sum += F.cross_entropy(logits, target, reduction="sum")
         return {"correct": correct, "total": torch.tensor(float(nexts.shape[0]), device=hidden.device),
                 "loss_sum": loss_sum}
-
-    def save_tokenizer(self, directory: Path) -> Path:
-        """Copies the run's tokenizer JSON into `directory` (e.g. the run directory); returns the copy."""
-        if self.tokenizer_path is None:
-            raise RuntimeError("no tokenizer yet: call build_data() first")
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        return Path(shutil.copy2(self.tokenizer_path, Path(directory) / "tokenizer.json"))
 
     # ----- data -----
 

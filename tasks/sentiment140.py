@@ -36,8 +36,8 @@ the 120 Greek-director test tweets with target 0; backdoor accuracy = share pred
 Text pipeline: `fl_lightning.tasks.text` (the reference's cleaning without NLTK, stop words removed,
 word-level `tokenizers` vocabulary of the words seen at least twice in the training text). The
 tokenizer JSON is written under `<data_dir>/derived/sentiment140/` (or `~/.cache/fl_lightning/derived/`
-when the data root is read-only); its path is `task.tokenizer_path`, and `task.save_tokenizer(dir)`
-copies it into a run directory.
+when the data root is read-only); its path is `task.tokenizer_path`, and the orchestrator copies it into
+the run directory (`Task.artifacts`).
 
 Deliberate deviations from the reference (paper-spec §8):
 
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -200,13 +199,6 @@ class Sentiment140(Task):
         correct = ((logits > 0).long() == labels.long()).sum()  # round(sigmoid) = label
         return {"correct": correct.float(), "loss_sum": loss_sum,
                 "total": torch.tensor(float(labels.shape[0]), device=logits.device)}
-
-    def save_tokenizer(self, directory: Path) -> Path:
-        """Copies the run's tokenizer JSON into `directory` (e.g. the run directory); returns the copy."""
-        if self.tokenizer_path is None:
-            raise RuntimeError("no tokenizer yet: call build_data() first")
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        return Path(shutil.copy2(self.tokenizer_path, Path(directory) / "tokenizer.json"))
 
     # ----- data -----
 

@@ -26,7 +26,8 @@ Treebank tokenizer gives "ca", "n't") and single punctuation characters.
 Saved tokenizers go to `<data_dir>/derived/<task>/<task>_tokenizer_<sha12>.json` when the data root is
 writable, else to `~/.cache/fl_lightning/derived/<task>/` (the offline data root is read-only); the
 name carries a hash of the content, so runs with different vocabularies never overwrite each other.
-The task keeps the path in `task.tokenizer_path`, and `task.save_tokenizer(run_dir)` copies it into a run.
+The task keeps the path in `task.tokenizer_path`, and the orchestrator copies it into the run
+directory (`Task.artifacts`).
 
 Also here: `grouped_partition`, a per-user ("natural") split built directly as CSR index arrays, so
 its cost is O(N log N) in the number of examples and does not loop over clients.

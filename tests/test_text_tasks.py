@@ -206,7 +206,7 @@ def test_sentiment140_edge_case_on_real_data(s140_edge, shared_data, derived_cac
     # The tokenizer is saved (in the cache: the shared root is read-only) and can be copied into a run.
     assert task.tokenizer_path.parent == derived_cache / "derived" / "sentiment140"
     assert not (shared_data / "derived").exists()
-    copy = task.save_tokenizer(tmp_path / "run")
+    copy = task.artifacts()["tokenizer.json"]
     assert Tokenizer.from_file(str(copy)).get_vocab_size() == vocab
     # Steps: a scalar BCE loss with gradients; evaluation returns sums.
     torch.manual_seed(0)
