@@ -361,7 +361,7 @@ def test_download_with_wrong_checksum_leaves_nothing(http_root, tmp_path, monkey
 
 
 def test_sentiment140_from_hugging_face_columns():
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a hard dependency of the package
     split = datasets.Dataset.from_dict({"text": ["so happy", "so sad", "meh"], "date": ["d"] * 3,
                                         "user": ["a", "b", "a"], "sentiment": [4, 0, 2], "query": ["q"] * 3})
     frame = frame_from_hf(split)
