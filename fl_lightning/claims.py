@@ -14,17 +14,17 @@ The preset is the sweep files of `sweeps/` with `--set` overrides (nothing here 
 experiment): the `emnist` task on its `mnist` source with the paper's EMNIST hyper-parameters
 (K = 3383, m = 30, 5 local epochs, batch 512, lr 0.1), and `sentiment140` on its offline 100k-tweet
 sample over K = 500 clients (about 200 tweets each, the density of the paper's 25 % subsample over
-1948 clients). As in the paper, attacks start from a model trained without attack (`init_from`), and
-for these short runs one attacker takes part in every round (the frequency sweep varies that).
-The capacity runs of `emnist` train from scratch (each width has its own parameter count); those of
-`sentiment140` each start from their own clean model.
+1948 clients). As in the paper, attacks start from a model trained without attack (`init_from`); for
+these short runs one attacker takes part every 5th round from round 1 (the paper: every 10th over
+hundreds of rounds), so that, as in the paper's curves, the backdoor can fade between attacks.
+Every model of the capacity runs starts from its own clean model (their parameter counts differ).
 
-The thresholds are fixed here, before any run: "backdoor" is the target-task accuracy at the last
-round, smoothed by the paper's 10-round rolling mean (claims 1, 2, 4), or its mean over all rounds
-after the start, which also measures how fast it rises (claim 3). PGD "gets through" a defense when it
-keeps at least half of its undefended backdoor accuracy; black-box is "weak" against a defense when
-it keeps at most half of its own. Results go to `<out_dir>/claims.md` with a report per sweep;
-a second start reuses every finished run.
+The criteria are fixed here, before any run: "backdoor" is the target-task accuracy averaged over
+all rounds after the start (the area under the paper's curve: it counts how high the backdoor gets,
+how fast and how long it stays); "main" is the main-task accuracy at the end, smoothed by the paper's
+10-round rolling mean. PGD "gets through" a defense when it keeps at least half of its undefended
+backdoor accuracy; black-box is "weak" against a defense when it keeps at most half of its own.
+Results go to `<out_dir>/claims.md`, with a report per sweep; a second start reuses every finished run.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ EMNIST = ["task=emnist", "data.source=mnist", "log.logger=csv", "log.progress_ba
           "fl.checkpoint_every=10"]
 SENTIMENT = ["task=sentiment140", "fl.num_clients=500", "log.logger=csv", "log.progress_bar=false",
              "fl.eval_every=1", "fl.checkpoint_every=10"]
-# Every attack run: the attacker's own accuracy would cost a second 10,000-image evaluation per round.
-ATTACK = ["callbacks.measure_attacker=false", "callbacks.attack_every=1"]
+# Every attack run: one attacker every 5th round; not measuring the attacker's own accuracy saves a
+# second 10,000-image evaluation per attacked round.
+ATTACK = ["callbacks.measure_attacker=false", "callbacks.attack_every=5"]
 CASES = {"edge": "100 %", "almost_edge": "50 %", "normal": "10 %"}
 DEFENSES = ("FedAvg", "NormClipping", "WeakDP", "Krum", "MultiKrum", "GeometricMedian")
 
@@ -65,9 +66,8 @@ DEFENSES = ("FedAvg", "NormClipping", "WeakDP", "Krum", "MultiKrum", "GeometricM
 class Preset:
     """Round counts and model variants of one preset."""
 
-    rounds: int                  # attack runs from a clean model
-    pretrain_rounds: int         # the clean emnist model
-    capacity_rounds: int         # emnist capacity runs, from scratch
+    rounds: int                  # attack runs, each from a clean model
+    pretrain_rounds: int         # the clean emnist models
     widths: tuple[str, ...]      # emnist models of claim 4, smallest first
     sentiment: bool              # also run sentiment140 (claims 1 and 4)
     s140_pretrain_rounds: int = 30
@@ -76,10 +76,9 @@ class Preset:
 
 
 PRESETS = {
-    "full": Preset(rounds=20, pretrain_rounds=20, capacity_rounds=20,
-                   widths=("lenet_w0.125", "lenet_w0.25", "lenet_w0.5", "lenet"), sentiment=True),
-    "quick": Preset(rounds=10, pretrain_rounds=10, capacity_rounds=10, widths=("lenet_w0.25", "lenet"),
-                    sentiment=False),
+    "full": Preset(rounds=20, pretrain_rounds=20, widths=("lenet_w0.125", "lenet_w0.25", "lenet_w0.5", "lenet"),
+                   sentiment=True),
+    "quick": Preset(rounds=10, pretrain_rounds=10, widths=("lenet_w0.25", "lenet"), sentiment=False),
 }
 
 
@@ -107,37 +106,42 @@ def clean_run(out_dir: Path, name: str, overrides: list[str]) -> PlannedRun:
     return PlannedRun(name=name, params=params, argv=argv, run_dir=out_dir / "clean" / name)
 
 
-def plan(preset: Preset, out_dir: Path) -> tuple[list[PlannedRun], list[Invocation], list[Invocation]]:
-    """Phase 1 (clean models, from-scratch capacity runs) and phase 2 (attacks on the clean models).
+def plan(preset: Preset, out_dir: Path) -> tuple[list[PlannedRun], list[Invocation]]:
+    """The clean models (phase 1) and the sweeps that attack them (phase 2).
 
-    A run with a model of its own gets its own invocation (and directory), since `--set` fixes one value.
+    Every model variant starts from its own clean model and gets its own invocation (and directory),
+    since `--set` fixes one value.
     """
-    emnist_clean = clean_run(out_dir, "emnist_clean", [*EMNIST, f"fl.rounds={preset.pretrain_rounds}",
-                                                       "fl.eval_every=0"])
-    attack = [*EMNIST, *ATTACK, f"fl.rounds={preset.rounds}", f"init_from={emnist_clean.run_dir}"]
-    clean = [emnist_clean]
-    first = [Invocation(4, "emnist_capacity.yaml", [*EMNIST, *ATTACK, f"fl.rounds={preset.capacity_rounds}",
-                                                    f"model={model}"], f"emnist_{model}")
-             for model in preset.widths]
-    second = [
+    def pretrain(task: str, base: list[str], model: str, rounds: int) -> PlannedRun:
+        return clean_run(out_dir, f"{task}_clean_{model}", [*base, f"model={model}", f"fl.rounds={rounds}",
+                                                            "fl.eval_every=0"])
+
+    emnist_clean = {model: pretrain("emnist", EMNIST, model, preset.pretrain_rounds)
+                    for model in dict.fromkeys(("lenet", *preset.widths))}
+    emnist = [*EMNIST, *ATTACK, f"fl.rounds={preset.rounds}"]
+    attack = [*emnist, "model=lenet", f"init_from={emnist_clean['lenet'].run_dir}"]
+    invocations = [
         Invocation(1, "emnist_edge_case.yaml", attack, "emnist"),
         # The grid's first 12 runs: black-box and PGD against the six defenses (no model replacement).
         Invocation(2, "emnist_defenses.yaml", attack, "emnist", max_runs=12),
         # The file sweeps callbacks.attack_every, so it keeps its values.
         Invocation(3, "emnist_attack_frequency.yaml", [a for a in attack if "attack_every" not in a], "emnist"),
+        *(Invocation(4, "emnist_capacity.yaml", [*emnist, f"model={model}", f"init_from={emnist_clean[model].run_dir}"],
+                     f"emnist_{model}") for model in preset.widths),
     ]
+    clean = list(emnist_clean.values())
     if preset.sentiment:
         s140 = [*SENTIMENT, *ATTACK, f"fl.rounds={preset.s140_rounds}"]
         for model in preset.s140_models:
-            run = clean_run(out_dir, f"sentiment140_clean_{model}",
-                            [*SENTIMENT, f"model={model}", f"fl.rounds={preset.s140_pretrain_rounds}"])
+            run = pretrain("sentiment140", SENTIMENT, model, preset.s140_pretrain_rounds)
             clean.append(run)
-            second.append(Invocation(4, "sentiment140_capacity.yaml",
-                                     [*s140, f"model={model}", f"init_from={run.run_dir}"], f"sentiment140_{model}"))
+            invocations.append(Invocation(4, "sentiment140_capacity.yaml",
+                                          [*s140, f"model={model}", f"init_from={run.run_dir}"],
+                                          f"sentiment140_{model}"))
             if model == preset.s140_models[-1]:  # the paper's LSTM (hidden 200) also answers claim 1
-                second.append(Invocation(1, "sentiment140_edge_case.yaml",
-                                         [*s140, f"model={model}", f"init_from={run.run_dir}"], "sentiment140"))
-    return clean, first, second
+                invocations.append(Invocation(1, "sentiment140_edge_case.yaml",
+                                              [*s140, f"model={model}", f"init_from={run.run_dir}"], "sentiment140"))
+    return clean, invocations
 
 
 def run_phase(out_dir: Path, clean: list[PlannedRun], invocations: list[Invocation], jobs: int) -> None:
@@ -183,13 +187,13 @@ def verdict(ok: bool) -> str:
 def check_edge_cases(found: dict[str, list]) -> tuple[bool, list[str]]:
     lines, ok = [], True
     for task, runs in found.items():
-        by_case = {run.params["data.attack_case"]: stats["smoothed_backdoor"] for run, stats in runs}
+        by_case = {run.params["data.attack_case"]: stats["mean_backdoor"] for run, stats in runs}
         values = [by_case.get(case, float("nan")) for case in CASES]
         ordered = values[0] > values[1] > values[2]
         ok &= ordered
         lines.append(f"  {task}: " + "   ".join(f"{case} ({share}) {pct(v)}" for (case, share), v in
                                                   zip(CASES.items(), values)) + f"   -> {verdict(ordered)}")
-    lines.append("  (backdoor accuracy %, 10-round mean at the last round; needs edge > almost_edge > normal)")
+    lines.append("  (backdoor accuracy %, mean over rounds 1..R; needs edge > almost_edge > normal)")
     return ok, lines
 
 
@@ -201,7 +205,7 @@ def check_defenses(runs: list) -> tuple[bool, list[str]]:
     table: dict[tuple[str, str], float] = {}
     for run, stats in runs:
         table[(run.params["callbacks.init_args"]["mode"], defense_name(run.params["aggregator"]))] = \
-            stats["smoothed_backdoor"]
+            stats["mean_backdoor"]
     nan = float("nan")
     lines = ["  defense           black-box    PGD"]
     for defense in DEFENSES:
@@ -214,7 +218,7 @@ def check_defenses(runs: list) -> tuple[bool, list[str]]:
                  + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in through.items()))
     lines.append(f"  black-box keeps <= {FRACTION:.0%} of its undefended {pct(bb_open).strip()} % under: "
                  + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in weak.items()))
-    lines.append("  (backdoor accuracy %, 10-round mean at the last round)")
+    lines.append("  (backdoor accuracy %, mean over rounds 1..R)")
     return all(through.values()) and all(weak.values()), lines
 
 
@@ -241,21 +245,20 @@ def check_capacity(found: dict[str, list], order: dict[str, tuple[str, ...]]) ->
             lines.append(f"  {task}: fewer than two models finished -> FAIL")
             continue
         small, large = by_model[models[0]], by_model[models[-1]]
-        task_ok = small["smoothed_backdoor"] < large["smoothed_backdoor"] and small["smoothed_main"] < large[
-            "smoothed_main"]
+        task_ok = small["mean_backdoor"] < large["mean_backdoor"] and small["smoothed_main"] < large["smoothed_main"]
         ok &= task_ok
-        lines.append(f"  {task}: " + "   ".join(f"{m} backdoor {pct(by_model[m]['smoothed_backdoor'])} main "
+        lines.append(f"  {task}: " + "   ".join(f"{m} backdoor {pct(by_model[m]['mean_backdoor'])} main "
                                                   f"{pct(by_model[m]['smoothed_main'])}" for m in models)
                      + f"   -> {verdict(task_ok)}")
-    lines.append("  (accuracies %, 10-round means at the last round; needs the smallest model below the largest "
-                 "in both)")
+    lines.append("  (backdoor: mean over rounds 1..R; main: 10-round mean at the end; in %; needs the smallest "
+                 "model below the largest in both)")
     return ok, lines
 
 
-def check(preset: Preset, out_dir: Path, first: list[Invocation], second: list[Invocation]) -> list[str]:
+def check(preset: Preset, out_dir: Path, invocations: list[Invocation]) -> list[str]:
     """The four claims with their numbers, as printed lines."""
     by_claim: dict[int, list[Invocation]] = {}
-    for invocation in [*first, *second]:
+    for invocation in invocations:
         by_claim.setdefault(invocation.claim, []).append(invocation)
 
     def task_of(invocation: Invocation) -> str:
@@ -292,16 +295,16 @@ def claims(*, out_dir: str = "runs/claims", quick: bool = False, jobs: int = 2) 
     started = time.perf_counter()
     name = "quick" if quick else "full"
     preset, root = PRESETS[name], Path(out_dir)
-    clean, first, second = plan(preset, root)
-    run_phase(root, clean, first, jobs)
-    run_phase(root, [], second, jobs)
-    for invocation in [*first, *second]:
+    clean, invocations = plan(preset, root)
+    run_phase(root, clean, [], jobs)
+    run_phase(root, [], invocations, jobs)
+    for invocation in invocations:
         write_report([invocation.plan(root)[1]])
     minutes = (time.perf_counter() - started) / 60
     header = [f"Claims of Wang et al., \"Attack of the Tails\" (NeurIPS 2020), on the {name} preset in {root}",
               f"(emnist on the mnist source{', sentiment140 on its 100k sample' if preset.sentiment else ''}; "
               f"{preset.rounds}-round attacks from a clean model; this invocation took {minutes:.1f} min)", ""]
-    lines = header + check(preset, root, first, second)
+    lines = header + check(preset, root, invocations)
     text = "\n".join(lines)
     print(text)
     (root / "claims.md").write_text("```\n" + text + "\n```\n")

@@ -199,7 +199,7 @@ def plot_groups(groups: list[Group], line_keys: list[str], path: Path, title: st
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    figure = Figure(figsize=(11, 4.2 + 0.2 * ((len(groups) + 2) // 3)), layout="constrained")
     FigureCanvasAgg(figure)
     main_ax, backdoor_ax = figure.subplots(1, 2, sharex=True)
     colors = [f"C{i}" for i in range(10)]
@@ -215,8 +215,9 @@ def plot_groups(groups: list[Group], line_keys: list[str], path: Path, title: st
         ax.set_ylabel(ylabel)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    backdoor_ax.legend(fontsize=8, loc="best", title=", ".join(short_key(k) for k in line_keys) or None,
-                       title_fontsize=8)
+    # One legend for both panels, below them, so that it never hides a curve.
+    figure.legend(*main_ax.get_legend_handles_labels(), loc="outside lower center", ncols=min(3, len(groups)),
+                  fontsize=8, title=", ".join(short_key(k) for k in line_keys) or None, title_fontsize=8)
     figure.suptitle(title, fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

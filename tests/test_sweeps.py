@@ -278,9 +278,9 @@ def test_claims_preset_runs_parse_against_fit(capsys, tmp_path):
     """Every run of the full claims preset (sweep files + overrides) is a valid `fit` command."""
     from fl_lightning.claims import PRESETS, plan
 
-    clean, first, second = plan(PRESETS["full"], tmp_path)
-    runs = [*clean, *(run for invocation in [*first, *second] for run in invocation.plan(tmp_path)[2])]
-    assert len(clean) == 3 and len(runs) == 3 + 4 + 3 + 12 + 4 + 2 + 3
+    clean, invocations = plan(PRESETS["full"], tmp_path)
+    runs = [*clean, *(run for invocation in invocations for run in invocation.plan(tmp_path)[2])]
+    assert len(clean) == 4 + 2 and len(runs) == 6 + 3 + 12 + 4 + 4 + 2 + 3
     for run in runs:
         cli_args = run.argv[run.argv.index("fl_lightning") + 1:]
         code, out, err = run_main(capsys, *cli_args, "--print_config")
