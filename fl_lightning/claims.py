@@ -24,7 +24,8 @@ all rounds after the start (the area under the paper's curve: it counts how high
 how fast and how long it stays); "main" is the main-task accuracy at the end, smoothed by the paper's
 10-round rolling mean. PGD "gets through" a defense when it keeps at least half of its undefended
 backdoor accuracy; black-box is "weak" against a defense when it keeps at most half of its own.
-Results go to `<out_dir>/claims.md`, with a report per sweep; a second start reuses every finished run.
+Results go to `<out_dir>/claims.md`, with a report per claim and task in `<out_dir>/reports/`; a second
+start reuses every finished run.
 """
 
 from __future__ import annotations
@@ -226,10 +227,10 @@ def check_frequency(runs: list) -> tuple[bool, list[str]]:
     rows = sorted(((run.params["callbacks.attack_every"], stats) for run, stats in runs), key=lambda r: r[0])
     means = [stats["mean_backdoor"] for _, stats in rows]
     ok = len(means) > 1 and all(a > b for a, b in zip(means, means[1:]))
-    lines = ["  attack every   mean backdoor   at the end   rounds to 50 % (smoothed)"]
+    lines = ["  attack every   mean backdoor   at round R   rounds to 50 % (smoothed)"]
     for every, stats in rows:
         reached = stats["rounds_to_50"]
-        lines.append(f"  {every:>5d} rounds   {pct(stats['mean_backdoor'])}           {pct(stats['smoothed_backdoor'])}"
+        lines.append(f"  {every:>5d} rounds   {pct(stats['mean_backdoor'])}           {pct(stats['final_backdoor'])}"
                      f"        {'never' if reached is None else reached}")
     lines.append("  (backdoor accuracy %, mean over rounds 1..R; needs it to fall as attacks get rarer)")
     return ok, lines
@@ -284,6 +285,16 @@ def check(preset: Preset, out_dir: Path, invocations: list[Invocation]) -> list[
     return lines
 
 
+def write_reports(root: Path, invocations: list[Invocation]) -> None:
+    """One report (table and figures) per claim and task, over all its sweep directories."""
+    groups: dict[str, list[Path]] = {}
+    for invocation in invocations:
+        key = f"claim{invocation.claim}_{invocation.file.split('_', 1)[0]}"
+        groups.setdefault(key, []).append(invocation.plan(root)[1])
+    for key, sweep_dirs in groups.items():
+        write_report(sweep_dirs, out=root / "reports" / key)
+
+
 def claims(*, out_dir: str = "runs/claims", quick: bool = False, jobs: int = 2) -> None:
     """Runs the claims preset (emnist on mnist, sentiment140 on its sample) and checks the paper's four claims.
 
@@ -298,8 +309,7 @@ def claims(*, out_dir: str = "runs/claims", quick: bool = False, jobs: int = 2) 
     clean, invocations = plan(preset, root)
     run_phase(root, clean, [], jobs)
     run_phase(root, [], invocations, jobs)
-    for invocation in invocations:
-        write_report([invocation.plan(root)[1]])
+    write_reports(root, invocations)
     minutes = (time.perf_counter() - started) / 60
     header = [f"Claims of Wang et al., \"Attack of the Tails\" (NeurIPS 2020), on the {name} preset in {root}",
               f"(emnist on the mnist source{', sentiment140 on its 100k sample' if preset.sentiment else ''}; "

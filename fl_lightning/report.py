@@ -30,8 +30,8 @@ from fl_lightning.sweep import INDEX_JSONL, read_index, short_class_name, slug
 SMOOTH_WINDOW = 10
 THRESHOLD = 0.5
 # Settings that say where or how a run ran, not what it measured: never a reason to tell runs apart.
-BOOKKEEPING = ("name", "out_dir", "data_dir", "resume", "accelerator", "devices", "num_nodes", "num_threads",
-               "log.", "fl.eval_batch_size", "fl.checkpoint_every", "data.download")
+BOOKKEEPING = ("name", "out_dir", "data_dir", "resume", "init_from", "accelerator", "devices", "num_nodes",
+               "num_threads", "log.", "fl.eval_batch_size", "fl.checkpoint_every", "data.download")
 
 
 @dataclass
@@ -238,7 +238,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, group_b
     keys = group_by if group_by is not None else [k for k in varying_keys(runs) if k != "seed"]
     groups = group_runs(runs, keys)
     out = Path(out) if out is not None else (Path(paths[0]) / "report" if len(paths) == 1 else Path("report"))
-    title = " + ".join(Path(p).resolve().name for p in paths)
+    title = " + ".join(dict.fromkeys(Path(p).resolve().name for p in paths))
 
     # One figure per value of the facet key (the paper: one panel per attack, one line per defense).
     if facet is None and len(keys) >= 2:
