@@ -37,3 +37,16 @@ def final_model(run_dir: Path) -> torch.Tensor:
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv", newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """The CLI in this process: (exit code, stdout, stderr); jsonargparse errors exit with 2."""
+    from fl_lightning.__main__ import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from cli_helpers import run_main
 
-from fl_lightning.__main__ import main
 from fl_lightning.tasks import TASKS
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_lists_the_commands(capsys):

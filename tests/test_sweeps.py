@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run_main
 
-from fl_lightning.__main__ import main, with_shorthands
+from fl_lightning.__main__ import with_shorthands
 from fl_lightning.config import ConfigError
 from fl_lightning.sweep import (
     PlannedRun,
@@ -30,16 +31,6 @@ from fl_lightning.sweep import (
 REPO = Path(__file__).resolve().parent.parent
 SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
 FLOAT_LIKE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def run_main(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_sweep(path: Path, parameters: dict, method: str = "grid", **extra) -> Path:
