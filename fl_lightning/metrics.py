@@ -34,6 +34,7 @@ def round_metrics(updates: RoundUpdates, aggregate: Aggregate, num_rejected: int
         "num_adversaries": float(adv.sum()),
         "rejected_updates": float(num_rejected),
         "aggregate_norm": float(aggregate.update.norm()),
+        "train_examples": float(updates.num_examples.sum()),  # examples behind the accepted updates
     }
     _mean_into(metrics, "train_loss", updates.losses)
     _mean_into(metrics, "train_loss_benign", updates.losses[~adv])

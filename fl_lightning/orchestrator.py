@@ -53,6 +53,7 @@ from fl_lightning.distributed import all_reduce_sum, broadcast_json, broadcast_t
 from fl_lightning.hooks import FLCallback
 from fl_lightning.loggers import MetricsCSV, RoundProgress, make_wandb_logger
 from fl_lightning.metrics import reject_non_finite, round_metrics
+from fl_lightning.runtime import tune_malloc
 from fl_lightning.sampling import client_seed, sample_clients, server_seed, slots_for_rank
 from fl_lightning.tasks import TaskName, get_task_class
 from fl_lightning.tasks.base import FederatedData, Task, TaskSettings
@@ -81,6 +82,7 @@ def fit(
     num_nodes: int = 1,
     precision: Precision = "32-true",
     num_threads: int | None = None,
+    malloc_tuning: bool = True,
 ) -> None:
     """Trains a federated model on a task, with optional attacks (callbacks) and defenses (aggregator).
 
@@ -106,7 +108,11 @@ def fit(
         precision: `32-true` (the paper's) or `bf16-mixed` (autocast in local training and evaluation).
         num_threads: CPU threads per process; None: the cores divided by the processes on this node.
             Bitwise equality across process counts on CPU needs the same value in both runs.
+        malloc_tuning: Keep freed activation buffers in the heap (glibc `mallopt`; about 20 % faster
+            rounds on CPUs). Skipped when any `MALLOC_*` variable is set.
     """
+    if malloc_tuning:
+        tune_malloc()
     task_cls = get_task_class(task)
     fl = resolve_args(task_cls.fl_preset, fl)
     client = resolve_args(task_cls.client_preset, client)
@@ -131,7 +137,7 @@ def fit(
         "aggregator": component_config(aggregator), "callbacks": [component_config(c) for c in callbacks],
         "log": group_dict(log), "seed": seed, "data_dir": data_dir, "out_dir": out_dir, "init_from": init_from,
         "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "precision": precision,
-        "num_threads": num_threads,
+        "num_threads": num_threads, "malloc_tuning": malloc_tuning,
     }
     settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=seed, model=model, source=data.source,
                             partition=data.partition, alpha=data.alpha, attack_case=data.attack_case,

@@ -31,7 +31,7 @@ SMOOTH_WINDOW = 10
 THRESHOLD = 0.5
 # Settings that say where or how a run ran, not what it measured: never a reason to tell runs apart.
 BOOKKEEPING = ("name", "out_dir", "data_dir", "resume", "init_from", "accelerator", "devices", "num_nodes",
-               "num_threads", "log.", "fl.eval_batch_size", "fl.checkpoint_every", "data.download")
+               "num_threads", "malloc_tuning", "log.", "fl.eval_batch_size", "fl.checkpoint_every", "data.download")
 
 
 @dataclass
