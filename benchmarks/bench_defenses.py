@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import sys
@@ -197,9 +198,9 @@ def main() -> None:
     parser.add_argument("--numpy-repeats", type=int, default=3, help="timed numpy calls below 1e8 elements")
     parser.add_argument("--numpy-repeats-large", type=int, default=1, help="timed numpy calls from 1e8 elements")
     parser.add_argument("--device", default="cpu", help="device of the torch side (the numpy side is the CPU)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: the same single core as the numpy loops, and no OpenMP "
-                             "barriers stalling on a shared machine)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch intra-op threads (default: every core, as the engine's one process uses them; "
+                             "1: the single core the numpy loops use)")
     parser.add_argument("--only", default="", help="comma-separated defense names (e.g. Krum,GeometricMedian)")
     args = parser.parse_args()
     device = torch.device(args.device)

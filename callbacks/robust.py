@@ -169,6 +169,8 @@ class MultiKrum(Aggregator):
             selection[selected] = 1.0
         selection /= selection.sum()  # example counts renormalised over the selected updates
         client_weights = selection.to(deltas.device, deltas.dtype)
+        if num_selected == 1:  # Krum: the chosen update itself, bitwise what the weighted sum gives
+            return Aggregate(update=deltas[int(selected[0])].clone(), client_weights=client_weights)
         return Aggregate(update=_weighted_sum(deltas, selection.tolist(), deltas.dtype), client_weights=client_weights)
 
 

@@ -22,7 +22,8 @@ from fl_lightning.config import LogArgs
 
 METRIC_COLUMNS = ("round", "main_acc", "backdoor_acc", "main_loss", "train_loss", "train_loss_benign",
                   "train_loss_adv", "update_norm_mean", "update_norm_benign", "update_norm_adv", "aggregate_norm",
-                  "adversary_weight", "num_adversaries", "rejected_updates", "lr", "seconds")
+                  "adversary_weight", "num_adversaries", "rejected_updates", "lr", "train_examples", "seconds",
+                  "eval_seconds")
 
 
 def has_wandb_credentials() -> bool:

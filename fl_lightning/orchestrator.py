@@ -292,6 +292,7 @@ class Run:
     @torch.no_grad()
     def evaluate(self, global_params: Tensor) -> dict[str, float]:
         """Main-task and backdoor accuracy (and loss) of the global model, sharded over ranks."""
+        started = time.perf_counter()
         load_flat_params_(self.task, global_params)
         metrics = {}
         for split, (inputs, targets) in self.eval_sets.items():
@@ -300,6 +301,7 @@ class Run:
             metrics[f"{split}_acc"] = totals["correct"] / max(totals["total"], 1.0)
             metrics[f"{split}_loss"] = totals["loss_sum"] / max(totals["total"], 1.0)
         metrics.pop("backdoor_loss", None)  # the loss towards the attacker's labels says nothing new
+        metrics["eval_seconds"] = time.perf_counter() - started  # part of the round's `seconds`
         return metrics
 
     # ----- outputs (rank 0 writes; every rank calls, so collectives stay symmetric) -----
@@ -364,7 +366,7 @@ class Run:
 
 WANDB_GROUPS = {"main_acc": "val", "backdoor_acc": "val", "main_loss": "val", "adversary_weight": "agg",
                 "num_adversaries": "agg", "rejected_updates": "agg", "aggregate_norm": "agg", "seconds": "time",
-                "lr": "train"}
+                "eval_seconds": "time", "lr": "train"}
 
 
 def wandb_key(metric: str) -> str:
