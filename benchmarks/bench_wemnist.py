@@ -24,10 +24,8 @@ examples per round; the ratio column compares median seconds per round.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,13 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, W_EMNIST, run_fit
+
 DEFAULT_LIMIT = REPO.parent / "shared" / "bench" / "limit_emnist.py"
-WORKLOAD = ["--task", "emnist", "--data.source", "mnist", "--data.partition", "dirichlet", "--data.alpha", "0.5",
-            "--fl.num_clients", "1000", "--fl.clients_per_round", "30", "--client.local_epochs", "2",
-            "--client.batch_size", "32", "--client.lr", "0.1", "--client.lr_decay", "1.0", "--client.momentum", "0.9",
-            "--client.weight_decay", "1e-4", "--fl.eval_every", "1", "--fl.eval_batch_size", "64",
-            "--fl.checkpoint_every", "0", "--log.logger", "csv", "--log.progress_bar", "false"]
 ENGINE_FLAGS = {
     "engine": [],
     "engine-plain": ["--malloc_tuning", "false"],
@@ -65,20 +59,12 @@ def run_limit(name: str, limit: Path, rounds: int, threads: int) -> dict:
 
 
 def run_engine(name: str, rounds: int, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        # one warm-up round on top of the measured ones, as the bare loop does
-        cmd = [sys.executable, "-m", "fl_lightning", "fit", *WORKLOAD, "--fl.rounds", str(rounds + 1),
-               "--out_dir", tmp, "--name", "run", *ENGINE_FLAGS[name], *extra]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        env = {**os.environ, "WANDB_MODE": "disabled"}
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-        maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        with open(Path(tmp) / "run" / "metrics.csv", newline="") as handle:
-            rows = [r for r in csv.DictReader(handle) if int(r["round"]) >= 2]
-    return {"seconds": [float(r["seconds"]) for r in rows], "examples": [float(r["train_examples"]) for r in rows],
-            "final_acc": float(rows[-1]["main_acc"]), "maxrss_mib": maxrss / 1024 if maxrss > before else None}
+    # one warm-up round on top of the measured ones, as the bare loop does; evaluation every round
+    result = run_fit([*W_EMNIST, "--fl.eval_every", "1", *ENGINE_FLAGS[name], *extra], rounds + 1)
+    rows = [r for r in result["rows"] if r["round"] >= 2]
+    return {"seconds": [r["seconds"] for r in rows], "examples": [r["train_examples"] for r in rows],
+            "eval_seconds": [r["eval_seconds"] for r in rows], "final_acc": rows[-1]["main_acc"],
+            "maxrss_mib": result["maxrss_mib"]}
 
 
 def main() -> None:
