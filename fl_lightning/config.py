@@ -72,6 +72,10 @@ class DataArgs:
     """Who holds the edge-case examples: only the attacker, or honest clients too (with true labels)."""
     download: bool = True
     """Download a missing dataset into the data root (False: fail instead)."""
+    tile: int = 1
+    """Replicate the training set this many times before partitioning, so clients keep their size as K
+    grows (scale benchmarks, as limit_emnist.py --tile); index replication, never a copy of the data.
+    Tasks split by label only (emnist, cifar10, imagenet, toy); >= 1."""
 
 
 @dataclass

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fl_lightning.config import ConfigError
+
 Batch = tuple[Tensor, Tensor]
 
 
@@ -41,6 +43,9 @@ class TaskSettings:
         attack_case: Where the edge-case examples live: `edge` (all with the attacker),
             `almost_edge` (honest clients also hold some with their true label) or `normal`.
         download: Whether a missing dataset may be downloaded into `data_dir`.
+        tile: Replicate the training set this many times before partitioning, so clients keep their
+            size as K grows (scale benchmarks); index replication (`row % N`), never a copy of the data.
+            Only tasks with `supports_tile` accept a value above 1.
     """
 
     data_dir: Path
@@ -52,6 +57,11 @@ class TaskSettings:
     alpha: float = 0.5
     attack_case: str = "edge"
     download: bool = True
+    tile: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
+            raise ConfigError(f"--data.tile must be an integer >= 1 (1: no replication), got {self.tile!r}")
 
 
 @dataclass
@@ -59,7 +69,9 @@ class ClientPartition:
     """Clients as slices of one index array (CSR layout): memory and lookups do not grow per client.
 
     Attributes:
-        order: Indices into the training tensors, client after client, `[n_assigned]` int64.
+        order: Indices into the training tensors, client after client, `[n_assigned]`; int32 when
+            built by `from_csr` / `from_lists` and the rows fit (half the memory; `index_select` takes
+            it), else int64.
         offsets: Client `c` holds `order[offsets[c]:offsets[c + 1]]`, `[num_clients + 1]` int64.
     """
 
@@ -67,13 +79,21 @@ class ClientPartition:
     offsets: Tensor
 
     @classmethod
+    def from_csr(cls, order: np.ndarray | Tensor, offsets: np.ndarray | Tensor) -> ClientPartition:
+        """From a CSR pair (e.g. `partition.label_partition`'s), with `order` as int32 when its values fit."""
+        order = torch.as_tensor(np.asarray(order))
+        fits = order.numel() == 0 or (int(order.min()) >= 0 and int(order.max()) <= torch.iinfo(torch.int32).max)
+        return cls(order=order.to(torch.int32 if fits else torch.int64),
+                   offsets=torch.as_tensor(np.asarray(offsets), dtype=torch.int64))
+
+    @classmethod
     def from_lists(cls, client_indices: list[np.ndarray] | list[Tensor]) -> ClientPartition:
         """Builds the CSR layout from one index array per client."""
-        sizes = torch.tensor([len(ix) for ix in client_indices], dtype=torch.int64)
-        offsets = torch.zeros(len(client_indices) + 1, dtype=torch.int64)
-        torch.cumsum(sizes, 0, out=offsets[1:])
-        order = torch.cat([torch.as_tensor(np.asarray(ix), dtype=torch.int64) for ix in client_indices])
-        return cls(order=order, offsets=offsets)
+        sizes = np.fromiter((len(ix) for ix in client_indices), dtype=np.int64, count=len(client_indices))
+        offsets = np.zeros(len(client_indices) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        arrays = [np.asarray(ix, dtype=np.int64) for ix in client_indices]
+        return cls.from_csr(np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64), offsets)
 
     @property
     def num_clients(self) -> int:
@@ -158,6 +178,8 @@ class Task(L.LightningModule, ABC):
         data_preset: Defaults for the `data` group (partition, source, ...).
         backdoor_target: The label the edge-case backdoor forces, or None.
         drop_last: Whether local training skips the last partial batch (the Sentiment140 reference does).
+        supports_tile: Whether `build_data` honours `settings.tile` (the label-split tasks); other
+            tasks refuse a tile above 1.
     """
 
     name: ClassVar[str]
@@ -166,9 +188,14 @@ class Task(L.LightningModule, ABC):
     data_preset: ClassVar[dict[str, Any]] = {}
     backdoor_target: ClassVar[int | None] = None
     drop_last: ClassVar[bool] = False
+    supports_tile: ClassVar[bool] = False
 
     def __init__(self, settings: TaskSettings) -> None:
         super().__init__()
+        if settings.tile != 1 and not self.supports_tile:
+            raise ConfigError(f"--data.tile={settings.tile}: task {self.name!r} cannot tile its training set (its "
+                              f"clients are its own split, e.g. one per user); use --data.tile 1 (the tasks that "
+                              f"tile split by label: emnist, cifar10, imagenet, toy)")
         self.settings = settings
 
     def prepare_data(self) -> None:

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, load_numpy_pickle, save_npz
 from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import attach_to_clients, label_partition, spread_over_holders
+from fl_lightning.tasks.partition import attach_rows, label_partition, spread_over_holders
 
 NUM_CLASSES = 10
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -279,6 +279,7 @@ class Cifar10(Task):
     data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "source": "cifar10"}
     backdoor_target = TRUCK
     sources: ClassVar[tuple[str, ...]] = ("cifar10", "jpeg")
+    supports_tile = True
 
     def __init__(self, settings: TaskSettings, edge_count: int = 100, clean_count: int = 400,
                  dedup: bool = True) -> None:
@@ -336,8 +337,9 @@ class Cifar10(Task):
         y_train = main["y_train"].astype(np.int64)
         num_train = y_train.shape[0]
 
-        parts = label_partition(settings.partition or self.data_preset["partition"], y_train,
-                                settings.num_clients, settings.alpha, settings.seed, self.name)
+        order, offsets = label_partition(settings.partition or self.data_preset["partition"], y_train,
+                                         settings.num_clients, settings.alpha, settings.seed, self.name,
+                                         tile=settings.tile)
 
         # Pools of paper-spec §2.4: the edge case samples the attacker's planes from the 784-image
         # train pool; the other two cases give the attacker the fixed 100-image file and honest
@@ -368,12 +370,12 @@ class Cifar10(Task):
 
         extra = spread_over_holders(honest.shape[0], settings.num_clients, max(holders, 1), settings.seed,
                                     group_size=ROTATIONS, salt=3002) if honest.shape[0] else []
-        parts = attach_to_clients(parts, extra, offset=num_train)
+        order, offsets = attach_rows(order, offsets, extra, offset=num_train)
         train_x = np.concatenate([main["x_train"], honest])
         train_y = np.concatenate([y_train, np.full(honest.shape[0], AIRPLANE, dtype=np.int64)])
         return FederatedData(
             train_inputs=_images(train_x), train_targets=torch.from_numpy(train_y),
-            partition=ClientPartition.from_lists(parts),
+            partition=ClientPartition.from_csr(order, offsets),
             test_inputs=_images(main["x_test"]), test_targets=torch.from_numpy(main["y_test"].astype(np.int64)),
             backdoor_inputs=_images(backdoor_x),
             backdoor_targets=torch.full((backdoor_x.shape[0],), TRUCK, dtype=torch.int64),

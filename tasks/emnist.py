@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, save_npz
 from fl_lightning.tasks.base import ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import attach_to_clients, label_partition, spread_over_holders
+from fl_lightning.tasks.partition import attach_rows, label_partition, spread_over_holders
 
 NUM_CLASSES = 10
 # MNIST statistics; the reference normalises EMNIST with them too (paper-spec §2.2).
@@ -306,6 +306,7 @@ class Emnist(Task):
     data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "source": "emnist"}
     backdoor_target = BACKDOOR_LABEL
     sources: ClassVar[tuple[str, ...]] = ("emnist", "mnist")
+    supports_tile = True
 
     def __init__(self, settings: TaskSettings, edge_count: int = 66, clean_count: int = 100) -> None:
         super().__init__(settings)
@@ -351,8 +352,9 @@ class Emnist(Task):
         y_train = main["y_train"].astype(np.int64)
         num_train = y_train.shape[0]
 
-        parts = label_partition(settings.partition or self.data_preset["partition"], y_train,
-                                settings.num_clients, settings.alpha, settings.seed, self.name)
+        order, offsets = label_partition(settings.partition or self.data_preset["partition"], y_train,
+                                         settings.num_clients, settings.alpha, settings.seed, self.name,
+                                         tile=settings.tile)
 
         # The attacker's set: the first `edge_count` ARDIS sevens (as the reference's shipped file),
         # relabelled 1, then `clean_count` training images drawn by seed, with their true labels.
@@ -375,13 +377,13 @@ class Emnist(Task):
         else:
             raise ValueError(f"unknown attack_case {case!r}; allowed: edge, almost_edge, normal")
         extra = spread_over_holders(honest.shape[0], settings.num_clients, max(holders, 1), settings.seed, salt=2002)
-        parts = attach_to_clients(parts, extra if honest.shape[0] else [], offset=num_train)
+        order, offsets = attach_rows(order, offsets, extra if honest.shape[0] else [], offset=num_train)
 
         train_x = np.concatenate([main["x_train"], honest])
         train_y = np.concatenate([y_train, np.full(honest.shape[0], ARDIS_SEVEN, dtype=np.int64)])
         return FederatedData(
             train_inputs=_images(train_x), train_targets=torch.from_numpy(train_y),
-            partition=ClientPartition.from_lists(parts),
+            partition=ClientPartition.from_csr(order, offsets),
             test_inputs=_images(main["x_test"]), test_targets=torch.from_numpy(main["y_test"].astype(np.int64)),
             backdoor_inputs=_images(test_sevens),
             backdoor_targets=torch.full((test_sevens.shape[0],), BACKDOOR_LABEL, dtype=torch.int64),

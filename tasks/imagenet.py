@@ -104,6 +104,8 @@ class Imagenet(Task):
     """
 
     name = "imagenet"
+    # Batches of image ids are decoded from disk inside `training_step`, which vmap cannot map over clients.
+    supports_vmap = False
     fl_preset: ClassVar[dict[str, Any]] = {"rounds": 500, "num_clients": 1000, "clients_per_round": 10}
     # The paper's ImageNet hyperparameters are not in the reference code; VGG-sized defaults of the
     # CIFAR-10 task (lr 0.02, decay 0.998, 2 local epochs, batch 32).
@@ -111,6 +113,7 @@ class Imagenet(Task):
                                                "local_epochs": 2, "batch_size": 32, "grad_clip_norm": 0.0}
     data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet"}
     backdoor_target = None
+    supports_tile = True
 
     def __init__(self, settings: TaskSettings, clean_count: int = 400, image_size: int = 224,
                  resize_size: int = 256) -> None:
@@ -227,14 +230,15 @@ class Imagenet(Task):
         train_ids, test_ids = ids[:n_train], ids[n_train:n_train + n_test]
         edge_ids, edge_test_ids = ids[n_train + n_test:n_train + n_test + n_edge], ids[n_train + n_test + n_edge:]
 
-        parts = label_partition(settings.partition or self.data_preset["partition"], y_train,
-                                settings.num_clients, settings.alpha, settings.seed, self.name)
+        order, offsets = label_partition(settings.partition or self.data_preset["partition"], y_train,
+                                         settings.num_clients, settings.alpha, settings.seed, self.name,
+                                         tile=settings.tile)
 
         rng = np.random.default_rng([settings.seed, 4001])
         clean = np.sort(rng.choice(n_train, size=min(self.clean_count, n_train), replace=False))
         return FederatedData(
             train_inputs=train_ids, train_targets=torch.from_numpy(y_train),
-            partition=ClientPartition.from_lists(parts),
+            partition=ClientPartition.from_csr(order, offsets),
             test_inputs=test_ids, test_targets=torch.from_numpy(y_test),
             backdoor_inputs=edge_test_ids, backdoor_targets=torch.full((len(edge_test),), target, dtype=torch.int64),
             edge_train_inputs=torch.cat([edge_ids, train_ids[clean]]),

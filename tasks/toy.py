@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fl_lightning.tasks.base import ClientPartition, FederatedData, Task
-from fl_lightning.tasks.partition import dirichlet_partition, iid_partition
+from fl_lightning.tasks.partition import dirichlet_split, iid_split, tiled_rows
 
 NUM_FEATURES = 16
 NUM_CLASSES = 4
@@ -31,6 +31,7 @@ class Toy(Task):
                                                "local_epochs": 2, "batch_size": 16, "grad_clip_norm": 0.0}
     data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet"}
     backdoor_target = 0
+    supports_tile = True
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
@@ -56,14 +57,16 @@ class Toy(Task):
         edge_center = centers[1] + 8.0 * np.eye(NUM_FEATURES)[0]
         edge_x = torch.as_tensor(edge_center + rng.normal(0.0, 0.5, size=(200, NUM_FEATURES)), dtype=torch.float32)
         edge_y = torch.full((200,), self.backdoor_target, dtype=torch.int64)
+        tile = self.settings.tile  # `tile` copies of the training set, as index replication (row % num_train)
         if self.settings.partition == "iid":
-            parts = iid_partition(num_train, self.settings.num_clients, self.settings.seed)
+            order, offsets = iid_split(num_train * tile, self.settings.num_clients, self.settings.seed)
         else:
-            parts = dirichlet_partition(train_y.numpy(), self.settings.num_clients, self.settings.alpha,
-                                        self.settings.seed, min_size=5)
+            order, offsets = dirichlet_split(train_y.numpy(), self.settings.num_clients, self.settings.alpha,
+                                             self.settings.seed, min_size=5, tile=tile)
         clean = torch.as_tensor(rng.choice(num_train, 60, replace=False))
         return FederatedData(
-            train_inputs=train_x, train_targets=train_y, partition=ClientPartition.from_lists(parts),
+            train_inputs=train_x, train_targets=train_y,
+            partition=ClientPartition.from_csr(tiled_rows(order, num_train, tile), offsets),
             test_inputs=test_x, test_targets=test_y,
             backdoor_inputs=edge_x[100:], backdoor_targets=edge_y[100:],
             edge_train_inputs=torch.cat([edge_x[:100], train_x[clean]]),
