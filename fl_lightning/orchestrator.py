@@ -141,7 +141,7 @@ def fit(
     }
     settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=seed, model=model, source=data.source,
                             partition=data.partition, alpha=data.alpha, attack_case=data.attack_case,
-                            download=data.download)
+                            download=data.download, tile=data.tile)
 
     fabric = make_fabric(accelerator, devices, num_nodes, precision, callbacks)
     set_threads(num_threads, devices)
@@ -412,7 +412,7 @@ def validate(
         raise ConfigError(str(err)) from err
     settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=config["seed"], model=config["model"],
                             source=data.source, partition=data.partition, alpha=data.alpha,
-                            attack_case=data.attack_case, download=data.download)
+                            attack_case=data.attack_case, download=data.download, tile=data.tile)
     fabric = make_fabric(accelerator, devices, 1, "32-true")
     try:
         run = Run.setup(fabric, task_cls(settings), fl, ClientArgs(**config["client"]), FedAvg(), config["seed"])
