@@ -169,11 +169,24 @@ def train_client(fabric: Fabric, task: Task, ctx: LocalTraining, step_hooks: boo
         step_hooks: Whether any callback overrides `on_after_optimizer_step` (the call costs a
             signature inspection per step, so it is skipped when nobody listens).
     """
+    start_client(fabric, task, ctx)
+    return finish_client(fabric, task, ctx, step_hooks)
+
+
+def start_client(fabric: Fabric, task: Task, ctx: LocalTraining) -> None:
+    """Seeds the client's randomness, loads the global model and calls `on_client_start`.
+
+    The batched trainer (`batched.py`) shares this start, so hooks see the same state in both modes.
+    """
     # Dropout, augmentation and any attacker draws use torch's global generator: seeding it per
     # client (not per process) is what makes results independent of the number of processes.
     torch.manual_seed(ctx.seed)
     load_flat_params_(task, ctx.global_params)
     fabric.call("on_client_start", ctx=ctx)
+
+
+def finish_client(fabric: Fabric, task: Task, ctx: LocalTraining, step_hooks: bool) -> ClientUpdate:
+    """The rest of `train_client` after `start_client`: local epochs, the update, `on_client_end`."""
     if ctx.optimizer is None:
         ctx.optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=ctx.lr,
                                         momentum=ctx.momentum, weight_decay=ctx.weight_decay)

@@ -56,6 +56,9 @@ class ClientArgs:
     """Local mini-batch size (None: preset)."""
     grad_clip_norm: float | None = None
     """Clip each step's gradient norm to this (0: off; None: preset)."""
+    batching: Literal["sequential", "vmap"] = "sequential"
+    """`sequential`: one client after another on the rank's model; `vmap`: the rank's honest clients
+    trained together with torch.func (same math; attackers stay sequential; not for BatchNorm or LSTM tasks)."""
 
 
 @dataclass

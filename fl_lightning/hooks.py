@@ -20,6 +20,13 @@ and N processes and after a resume.
 
 Per-client values a callback wants logged go into `update.stats` (on the training rank): they are
 gathered with the update, so rank 0 can log them whichever rank trained the client.
+
+With `--client.batching vmap` (`batched.py`) the rank's honest clients train together: all their
+`on_client_start` calls come first, then the batched steps, then their `on_client_end` calls (the
+model then holds that client's trained parameters). `on_after_optimizer_step` fires only for the
+clients still trained one by one: attackers (`ctx.is_adversary`) and clients whose
+`on_client_start` set `ctx.optimizer`. A hook that must act on an honest client's every step needs
+`--client.batching sequential`.
 """
 
 from __future__ import annotations

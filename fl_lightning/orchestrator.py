@@ -24,8 +24,10 @@ from lightning.fabric import Fabric
 from torch import Tensor
 
 from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg
+from fl_lightning.batched import BatchedTrainer, check_vmap_support
 from fl_lightning.checkpoint import CHECKPOINT_NAME, MODEL_NAME, find_checkpoint, load_checkpoint, save_checkpoint
 from fl_lightning.client import (
+    ClientUpdate,
     LocalTraining,
     RoundPlan,
     RoundUpdates,
@@ -118,6 +120,8 @@ def fit(
     client = resolve_args(task_cls.client_preset, client)
     data = resolve_args(task_cls.data_preset, data)
     validate_args(fl, client, task)
+    if client.batching == "vmap":
+        check_vmap_support(task_cls)
     try:
         root = resolve_data_dir(data_dir)
     except DataError as err:
@@ -184,10 +188,9 @@ def run_rounds(run: Run, state: RunState) -> None:
         plan = RoundPlan(round_idx, sample_clients(run.seed, round_idx, fl.num_clients, fl.clients_per_round),
                          [False] * fl.clients_per_round)
         fabric.call("on_round_start", round_idx=round_idx, plan=plan)
-        # 2. Train locally: this rank's slots, one after another, on the rank's one model.
+        # 2. Train locally: this rank's slots, one after another or batched (--client.batching).
         my_slots = slots_for_rank(len(plan.client_ids), fabric.global_rank, fabric.world_size)
-        local = [train_client(fabric, run.task, run.client_context(plan, slot, state.global_params), run.step_hooks)
-                 for slot in my_slots]
+        local = run.train_local(plan, my_slots, state.global_params)
         # 3. Gather: every rank now holds the same updates, in slot order.
         updates = gather_updates(fabric, local, len(plan.client_ids), state.global_params.numel())
         # 4. Aggregate: non-finite updates are rejected, never averaged in.
@@ -233,6 +236,11 @@ class Run:
         if data.backdoor_inputs is not None:
             self.eval_sets["backdoor"] = (data.backdoor_inputs[rank::world].contiguous(),
                                           data.backdoor_targets[rank::world].contiguous())
+        # The batched trainer checks the built model (BatchNorm, vmap-able ops) before the first round.
+        self.batched: BatchedTrainer | None = None
+        if client.batching == "vmap":
+            self.batched = BatchedTrainer(fabric, task)
+            self.batched.probe(data.train_inputs[:2], data.train_targets[:2])
         self.metrics_csv: MetricsCSV | None = None
         self.wandb = None
         self.progress: RoundProgress | None = None
@@ -267,6 +275,13 @@ class Run:
                 state.callback_states = tuple(saved.get("callbacks", ()))
         broadcast_tensor_(self.fabric, state.global_params)
         return state
+
+    def train_local(self, plan: RoundPlan, slots: list[int], global_params: Tensor) -> list[ClientUpdate]:
+        """This rank's clients of the round, trained one after another or batched (`--client.batching vmap`)."""
+        contexts = (self.client_context(plan, slot, global_params) for slot in slots)
+        if self.batched is not None:
+            return self.batched.train(list(contexts), self.step_hooks)
+        return [train_client(self.fabric, self.task, ctx, self.step_hooks) for ctx in contexts]
 
     def client_context(self, plan: RoundPlan, slot: int, global_params: Tensor) -> LocalTraining:
         """The local-training context of one slot, with randomness from (seed, round, client, slot)."""

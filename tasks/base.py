@@ -178,6 +178,8 @@ class Task(L.LightningModule, ABC):
         data_preset: Defaults for the `data` group (partition, source, ...).
         backdoor_target: The label the edge-case backdoor forces, or None.
         drop_last: Whether local training skips the last partial batch (the Sentiment140 reference does).
+        supports_vmap: Whether `--client.batching vmap` can train the model (`fl_lightning/batched.py`):
+            no BatchNorm, no data-dependent shapes, and `training_step` a mean of per-row losses.
         supports_tile: Whether `build_data` honours `settings.tile` (the label-split tasks); other
             tasks refuse a tile above 1.
     """
@@ -188,6 +190,7 @@ class Task(L.LightningModule, ABC):
     data_preset: ClassVar[dict[str, Any]] = {}
     backdoor_target: ClassVar[int | None] = None
     drop_last: ClassVar[bool] = False
+    supports_vmap: ClassVar[bool] = True
     supports_tile: ClassVar[bool] = False
 
     def __init__(self, settings: TaskSettings) -> None:

@@ -148,6 +148,8 @@ class Reddit(Task):
     """Next-word prediction per Reddit author with an LSTM; trigger sentences about Athens completed by "bad"."""
 
     name = "reddit"
+    # Data-dependent shapes (pad trimming, masked positions) cannot be vmapped: `--client.batching vmap` is refused.
+    supports_vmap = False
     fl_preset: ClassVar[dict[str, Any]] = {"rounds": 5000, "num_clients": 80_000, "clients_per_round": 100}
     client_preset: ClassVar[dict[str, Any]] = {"lr": 20.0, "lr_decay": 1.0, "momentum": 0.0, "weight_decay": 0.0,
                                                "local_epochs": 2, "batch_size": 20, "grad_clip_norm": 0.25}

@@ -151,6 +151,9 @@ class Sentiment140(Task):
     data_preset: ClassVar[dict[str, Any]] = {"partition": "iid", "source": "auto"}
     backdoor_target = 0
     drop_last = True
+    # The forward trims pad columns to the batch's longest tweet (a data-dependent shape) and the LSTM has
+    # no vmap batching rule on CPU (a per-client loop): `--client.batching vmap` is refused.
+    supports_vmap = False
 
     seq_len: ClassVar[int] = 100
     embedding_dim: ClassVar[int] = 200
