@@ -51,16 +51,18 @@ def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, seed: in
     rng = np.random.default_rng([seed, 1709])
     cap = num_rows / num_clients
     classes = np.unique(labels)
-    copies = np.arange(tile, dtype=np.int64)[:, None] * num_labels  # [tile, 1] row offset of each copy
+    # Row ids as int32 when they fit: half the memory, and the same shuffles (they do not depend on the dtype).
+    index = np.int32 if num_rows <= np.iinfo(np.int32).max else np.int64
+    copies = np.arange(tile, dtype=index)[:, None] * index(num_labels)  # [tile, 1] row offset of each copy
     concentration = np.full(num_clients, alpha)
 
     def members_of(cls: np.ndarray) -> np.ndarray:
         """The (virtual) rows of one class in ascending order, as `np.flatnonzero(np.tile(labels, tile) == cls)`."""
-        rows = np.flatnonzero(labels == cls)
+        rows = np.flatnonzero(labels == cls).astype(index)
         return rows if tile == 1 else (rows[None, :] + copies).reshape(-1)
 
     def draw(scatter_into: np.ndarray | None = None, offsets: np.ndarray | None = None) -> np.ndarray:
-        """One draw of the split: per class a permutation and a Dirichlet share; returns `[C, K]` counts.
+        """One draw of the split: per class a permutation and a Dirichlet share; returns the sizes `[K]`.
 
         With `scatter_into`, also writes every class's members to their place in the CSR `order`
         (each client's pieces in class order, as the per-client loop concatenates them).
@@ -78,7 +80,8 @@ def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, seed: in
             sizes += counts
             if scatter_into is not None:
                 # Member i of client j's piece goes to fill[j] + (i - bounds[j]).
-                dest = np.repeat(fill - bounds[:-1], counts) + np.arange(members.shape[0])
+                dest = np.repeat((fill - bounds[:-1]).astype(index), counts)
+                dest += np.arange(members.shape[0], dtype=index)
                 scatter_into[dest] = members
                 fill += counts
         return sizes
@@ -89,12 +92,12 @@ def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, seed: in
         if sizes.min() >= min_size:
             offsets = np.zeros(num_clients + 1, dtype=np.int64)
             np.cumsum(sizes, out=offsets[1:])
-            # int32 when the rows fit: half the memory, and the same shuffles (they do not depend on the dtype).
-            order = np.empty(num_rows, dtype=np.int32 if num_rows <= np.iinfo(np.int32).max else np.int64)
+            order = np.empty(num_rows, dtype=index)
             rng.bit_generator.state = state  # replay the successful draw, now placing the members
             draw(order, offsets)
-            for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-                rng.shuffle(order[start:stop])  # the same stream as rng.permutation of each client's rows
+            bounds = offsets.tolist()
+            for client in range(num_clients):  # the same stream as rng.permutation of each client's rows
+                rng.shuffle(order[bounds[client]:bounds[client + 1]])
             return order, offsets
     raise RuntimeError(f"no Dirichlet(alpha={alpha}) split gives every one of {num_clients} clients "
                        f"{min_size} examples after {max_draws} draws; raise alpha or lower num_clients")
