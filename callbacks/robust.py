@@ -38,13 +38,12 @@ Deviations from the reference code (`defense.py` of Wang et al.; see the paper s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fl_lightning.aggregation import Aggregate, Aggregator
+from fl_lightning.aggregation import Aggregate, Aggregator, by_column_chunks, weighted_sum
 
 GRAM_BLOCK = 4096
 """Columns per block of the Gram product: small enough for float32 accumulation to stay accurate."""
@@ -54,8 +53,6 @@ GRAM_CPU_ROW_MULTIPLE = 16
 """On CPUs the Gram blocks are padded with zero rows to a multiple of this (MKL's fast kernels)."""
 GRAM_CPU_BLOCKS_PER_COPY = 8
 """Blocks copied into the padded buffer at a time (8 x 32 x 4096 floats: 4 MiB, cache-sized)."""
-CPU_COLUMN_CHUNK = 8192
-"""Columns per chunk of CPU weighted sums, so the accumulator stays in cache."""
 SORT_COLUMN_CHUNK = 65536
 """Columns per chunk of the coordinate-wise sorts on the CPU (bounds the sorted copy)."""
 
@@ -187,7 +184,7 @@ class MultiKrum(Aggregator):
         client_weights = selection.to(deltas.device, deltas.dtype)
         if num_selected == 1:  # Krum: the chosen update itself, bitwise what the weighted sum gives
             return Aggregate(update=deltas[int(selected[0])].clone(), client_weights=client_weights)
-        return Aggregate(update=_weighted_sum(deltas, selection.tolist(), deltas.dtype), client_weights=client_weights)
+        return Aggregate(update=weighted_sum(deltas, selection.tolist(), deltas.dtype), client_weights=client_weights)
 
 
 class Krum(MultiKrum):
@@ -232,7 +229,7 @@ class GeometricMedian(Aggregator):
         alpha = weights.detach().to("cpu", torch.float64)
         alpha = alpha / alpha.sum()  # [n]
         beta = self.weiszfeld_weights(gram_matrix(deltas), alpha)  # [n]
-        return Aggregate(update=_weighted_sum(deltas, beta.tolist(), torch.float64).to(deltas.dtype),
+        return Aggregate(update=weighted_sum(deltas, beta.tolist(), torch.float64).to(deltas.dtype),
                          client_weights=beta.to(deltas.device, deltas.dtype))
 
     def weiszfeld_weights(self, gram: Tensor, alpha: Tensor) -> Tensor:
@@ -304,7 +301,7 @@ def _coordinatewise_trimmed_mean(deltas: Tensor, trimmed: int) -> Tensor:
     def reduce(block: Tensor) -> Tensor:  # [n, cols] -> [cols]
         return _sort_columns(block)[trimmed: n - trimmed].mean(dim=0)  # mean of [n - 2 * trimmed, cols]
 
-    return _by_column_chunks(deltas, reduce, chunk=SORT_COLUMN_CHUNK)
+    return by_column_chunks(deltas, reduce, chunk=SORT_COLUMN_CHUNK)
 
 
 def _sort_columns(block: Tensor) -> Tensor:
@@ -317,37 +314,6 @@ def _sort_columns(block: Tensor) -> Tensor:
         rows = np.ascontiguousarray(block.detach().numpy().T)  # [cols, n]: each column a contiguous row
         return torch.from_numpy(np.sort(rows, axis=1)).T  # [n, cols], a transposed view
     return block.sort(dim=0).values
-
-
-def _weighted_sum(rows: Tensor, weights: list[float], dtype: torch.dtype) -> Tensor:
-    """`sum_k weights[k] * rows[k]`, accumulated row after row in `dtype`, `[n_params]`.
-
-    The same element-wise order as `fl_lightning.aggregation.weighted_sum` (bitwise equal to it in
-    the rows' dtype, hence independent of the thread count), but done by column chunks on the CPU
-    so the accumulator stays in cache (about 10x faster at millions of parameters). Rows of weight
-    0 are skipped.
-    """
-
-    def reduce(block: Tensor) -> Tensor:  # [n, cols] -> [cols]
-        total = torch.zeros(block.shape[1], dtype=dtype, device=block.device)
-        for weight, row in zip(weights, block):
-            if weight != 0:
-                total.add_(row, alpha=weight)
-        return total
-
-    return _by_column_chunks(rows, reduce, dtype)
-
-
-def _by_column_chunks(rows: Tensor, reduce: Callable[[Tensor], Tensor], dtype: torch.dtype | None = None,
-                      chunk: int | None = None) -> Tensor:
-    """Applies a column-wise `reduce` (`[n, cols] -> [cols]`) by chunks of columns on the CPU, at once on GPUs."""
-    if rows.device.type != "cpu":  # no cache to fit, and every chunk would cost kernel launches
-        return reduce(rows)
-    chunk = chunk or CPU_COLUMN_CHUNK
-    out = torch.empty(rows.shape[1], dtype=dtype or rows.dtype)
-    for start in range(0, rows.shape[1], chunk):
-        out[start:start + chunk] = reduce(rows[:, start:start + chunk])
-    return out
 
 
 def _fp32_matmul_is_exact(device: torch.device) -> bool:

@@ -189,7 +189,8 @@ def run_rounds(run: Run, state: RunState) -> None:
                          [False] * fl.clients_per_round)
         fabric.call("on_round_start", round_idx=round_idx, plan=plan)
         # 2. Train locally: this rank's slots, one after another or batched (--client.batching).
-        my_slots = slots_for_rank(len(plan.client_ids), fabric.global_rank, fabric.world_size)
+        sizes = [run.data.partition.size(client_id) for client_id in plan.client_ids]  # balances the ranks' work
+        my_slots = slots_for_rank(len(plan.client_ids), fabric.global_rank, fabric.world_size, sizes)
         local = run.train_local(plan, my_slots, state.global_params)
         # 3. Gather: every rank now holds the same updates, in slot order.
         updates = gather_updates(fabric, local, len(plan.client_ids), state.global_params.numel())

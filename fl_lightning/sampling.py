@@ -8,6 +8,8 @@ derives its per-round randomness the same way).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 # Distinct streams for distinct purposes, so that e.g. client selection and local training never
@@ -47,6 +49,25 @@ def server_seed(seed: int, round_idx: int) -> int:
     return derive_seed(_SERVER, seed, round_idx)
 
 
-def slots_for_rank(num_slots: int, rank: int, world_size: int) -> list[int]:
-    """Slots (positions in the round's client list) this rank trains: dealt round-robin."""
-    return list(range(rank, num_slots, world_size))
+def slots_for_rank(num_slots: int, rank: int, world_size: int, sizes: Sequence[int] | None = None) -> list[int]:
+    """Slots (positions in the round's client list) this rank trains, in ascending order.
+
+    Without `sizes`, dealt round-robin. With `sizes` (the work of each slot, e.g. its example
+    count), balanced by the longest-processing-time rule: slots by decreasing size (ties: lower
+    slot first), each to the rank with the least work so far (ties: lower rank) among those holding
+    fewer than `ceil(num_slots / world_size)` slots (the gather pads every rank to that count). A
+    round waits for its slowest rank, and client sizes are skewed (Dirichlet splits), so this
+    shortens rounds on several processes. Which rank trains a slot never changes the result: a
+    client's randomness comes from (seed, round, client, slot), and updates are gathered in slot order.
+    """
+    if sizes is None:
+        return list(range(rank, num_slots, world_size))
+    capacity = -(-num_slots // world_size)
+    load, count, mine = [0] * world_size, [0] * world_size, []
+    for slot in sorted(range(num_slots), key=lambda s: (-sizes[s], s)):
+        target = min((r for r in range(world_size) if count[r] < capacity), key=lambda r: (load[r], r))
+        load[target] += sizes[slot]
+        count[target] += 1
+        if target == rank:
+            mine.append(slot)
+    return sorted(mine)

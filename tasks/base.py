@@ -103,6 +103,10 @@ class ClientPartition:
         """Indices of one client's examples, `[n_client]`."""
         return self.order[self.offsets[client_id]:self.offsets[client_id + 1]]
 
+    def size(self, client_id: int) -> int:
+        """Examples of one client."""
+        return int(self.offsets[client_id + 1] - self.offsets[client_id])
+
     def sizes(self) -> Tensor:
         """Examples per client, `[num_clients]`."""
         return self.offsets[1:] - self.offsets[:-1]

@@ -54,3 +54,23 @@ def test_client_and_server_seeds_are_pure_and_distinct():
 def test_slots_cover_every_position_once(world_size):
     slots = [s for rank in range(world_size) for s in slots_for_rank(10, rank, world_size)]
     assert sorted(slots) == list(range(10))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_balanced_slots_cover_every_position_once_within_the_gather_capacity(world_size):
+    sizes = [5, 300, 12, 12, 80, 7, 150, 60, 9, 41, 33]
+    per_rank = [slots_for_rank(len(sizes), rank, world_size, sizes) for rank in range(world_size)]
+    assert sorted(s for slots in per_rank for s in slots) == list(range(len(sizes)))
+    assert all(len(slots) <= -(-len(sizes) // world_size) for slots in per_rank)
+    assert all(slots == sorted(slots) for slots in per_rank)
+
+
+def test_balancing_shortens_the_slowest_rank():
+    sizes = [400, 10, 380, 12, 20, 15, 350, 11]  # big clients on even slots: round-robin gives rank 0 all of them
+
+    def slowest(assign):
+        return max(sum(sizes[s] for s in assign(rank)) for rank in range(2))
+    round_robin = slowest(lambda rank: slots_for_rank(len(sizes), rank, 2))
+    balanced = slowest(lambda rank: slots_for_rank(len(sizes), rank, 2, sizes))
+    # round-robin: rank 0 holds 400 + 380 + 20 + 350; balanced: 400 + 20 + 15 + 12 against 380 + 350 + 11 + 10
+    assert round_robin == 1150 and balanced == 751
