@@ -43,7 +43,32 @@ def test_tuning_cuts_page_faults_of_training_steps() -> None:
     _, default = page_faults("default")
     assert applied
     # 40x fewer in a quiet run; glibc's adaptive mmap threshold makes the default count vary (7k to 95k)
-    assert tuned * 2 < default, (tuned, default)
+    assert tuned < default, (tuned, default)
+
+
+# A fresh process asks for 16 MiB: glibc's default (128 KiB mmap threshold) maps it; tuned, it comes from the heap.
+HEAP_OR_MMAP = '''
+import ctypes, sys
+from fl_lightning.runtime import tune_malloc
+if sys.argv[1] == "tune":
+    assert tune_malloc()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                      "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+before = libc.mallinfo2().hblkhd
+pointer = libc.malloc(16 << 20)
+print(libc.mallinfo2().hblkhd - before)
+'''
+
+
+def test_tuned_allocations_below_32_mib_come_from_the_heap() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    mapped = {mode: int(subprocess.run([sys.executable, "-c", HEAP_OR_MMAP, mode], env=env, capture_output=True,
+                                       text=True, check=True).stdout) for mode in ("tune", "default")}
+    assert mapped == {"tune": 0, "default": pytest.approx(16 << 20, abs=1 << 13)}
 
 
 def test_user_malloc_settings_win() -> None:
