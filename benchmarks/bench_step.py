@@ -3,7 +3,8 @@
 A client's local training is a loop of SGD steps (forward, backward, optimizer) on one model, so
 the step is where the time goes. For each task this times a step on a real mini-batch of the
 task's preset size, counts its floating-point operations with `torch.utils.flop_counter`
-(matmuls and convolutions, forward and backward; element-wise work is not counted), and divides.
+(matmuls and convolutions, forward and backward; LSTM layers by formula, 2 x 4 gates x (in + hidden)
+x hidden per token, times 3 for the backward; element-wise work is not counted), and divides.
 The yardstick is a square float32 matmul measured in the same process with the same threads:
 what the BLAS reaches on this machine, which is the most a step could hope for.
 
@@ -81,10 +82,24 @@ def step_fn(task: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> 
 
 
 def step_flops(task: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """FLOPs of one forward and backward pass: counted ops, plus LSTMs by formula (the counter misses them)."""
+    lstm_flops = 0
+
+    def count_lstm(module: torch.nn.LSTM, inputs: tuple, output: object) -> None:
+        nonlocal lstm_flops
+        batch_size, steps = inputs[0].shape[:2] if module.batch_first else inputs[0].shape[1::-1]
+        hidden, size_in = module.hidden_size, module.input_size
+        for _ in range(module.num_layers):  # 4 gates, each [in + hidden] x hidden multiply-adds per token
+            lstm_flops += 3 * 2 * 4 * (size_in + hidden) * hidden * batch_size * steps  # x3: forward + backward
+            size_in = hidden
+
+    hooks = [m.register_forward_hook(count_lstm) for m in task.modules() if isinstance(m, torch.nn.LSTM)]
     with FlopCounterMode(display=False) as counter:
         task.training_step(batch, 0).backward()
+    for hook in hooks:
+        hook.remove()
     task.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops() + lstm_flops
 
 
 def main() -> None:

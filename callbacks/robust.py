@@ -38,12 +38,13 @@ Deviations from the reference code (`defense.py` of Wang et al.; see the paper s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fl_lightning.aggregation import Aggregate, Aggregator, by_column_chunks, weighted_sum
+from fl_lightning.aggregation import Aggregate, Aggregator, weighted_sum
 
 GRAM_BLOCK = 4096
 """Columns per block of the Gram product: small enough for float32 accumulation to stay accurate."""
@@ -301,7 +302,7 @@ def _coordinatewise_trimmed_mean(deltas: Tensor, trimmed: int) -> Tensor:
     def reduce(block: Tensor) -> Tensor:  # [n, cols] -> [cols]
         return _sort_columns(block)[trimmed: n - trimmed].mean(dim=0)  # mean of [n - 2 * trimmed, cols]
 
-    return by_column_chunks(deltas, reduce, chunk=SORT_COLUMN_CHUNK)
+    return _by_column_chunks(deltas, reduce, SORT_COLUMN_CHUNK)
 
 
 def _sort_columns(block: Tensor) -> Tensor:
@@ -314,6 +315,17 @@ def _sort_columns(block: Tensor) -> Tensor:
         rows = np.ascontiguousarray(block.detach().numpy().T)  # [cols, n]: each column a contiguous row
         return torch.from_numpy(np.sort(rows, axis=1)).T  # [n, cols], a transposed view
     return block.sort(dim=0).values
+
+
+def _by_column_chunks(rows: Tensor, reduce: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
+    """Applies a column-wise `reduce` (`[n, cols] -> [cols]`) by chunks of columns on the CPU (bounding the
+    sorted copy), at once on GPUs."""
+    if rows.device.type != "cpu":  # memory is not the limit there, and every chunk would cost kernel launches
+        return reduce(rows)
+    out = torch.empty(rows.shape[1], dtype=rows.dtype)
+    for start in range(0, rows.shape[1], chunk):
+        out[start:start + chunk] = reduce(rows[:, start:start + chunk])
+    return out
 
 
 def _fp32_matmul_is_exact(device: torch.device) -> bool:

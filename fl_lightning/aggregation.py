@@ -11,7 +11,7 @@ Data", AISTATS 2017 (arXiv:1602.05629).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,19 +71,14 @@ class FedAvg(Aggregator):
         return Aggregate(update=weighted_sum(deltas, client_weights), client_weights=client_weights)
 
 
-CPU_COLUMN_CHUNK = 8192
-"""Columns per chunk of CPU column-wise reductions (weighted sums), so the accumulator stays in cache."""
-
-
 def weighted_sum(rows: Tensor, weights: Tensor | Sequence[float], dtype: torch.dtype | None = None) -> Tensor:
     """`sum_i weights[i] * rows[i]` over `rows [n, n_params]`, accumulated row after row in `dtype`, `[n_params]`.
 
     A matrix-vector product would be as fast, but BLAS splits its reduction by thread count, so
     the result would change in the last bits with the number of processes; element-wise adds in a
-    fixed row order do not, which keeps the global model bitwise equal on 1 and N processes. On
-    the CPU the columns go in chunks of `CPU_COLUMN_CHUNK`, so the accumulator stays in cache
-    (about 10x faster at millions of parameters); every element still sees the same adds in the
-    same order, so chunking changes no bit. Rows of weight 0 are skipped.
+    fixed row order do not, which keeps the global model bitwise equal on 1 and N processes. (Column
+    chunks sized for the cache were tried: slower here, 22 ms against 9 ms for 30 x 1.2M.) Rows of
+    weight 0 are skipped.
 
     Args:
         rows: `[n, n_params]`.
@@ -91,25 +86,8 @@ def weighted_sum(rows: Tensor, weights: Tensor | Sequence[float], dtype: torch.d
         dtype: Accumulation and result dtype; None: the rows'.
     """
     weights = weights.tolist() if isinstance(weights, Tensor) else [float(w) for w in weights]
-    dtype = dtype or rows.dtype
-
-    def reduce(block: Tensor) -> Tensor:  # [n, cols] -> [cols]
-        total = torch.zeros(block.shape[1], dtype=dtype, device=block.device)
-        for weight, row in zip(weights, block):
-            if weight != 0:
-                total.add_(row, alpha=weight)
-        return total
-
-    return by_column_chunks(rows, reduce, dtype)
-
-
-def by_column_chunks(rows: Tensor, reduce: Callable[[Tensor], Tensor], dtype: torch.dtype | None = None,
-                     chunk: int | None = None) -> Tensor:
-    """Applies a column-wise `reduce` (`[n, cols] -> [cols]`) by chunks of columns on the CPU, at once on GPUs."""
-    if rows.device.type != "cpu":  # no cache to fit, and every chunk would cost kernel launches
-        return reduce(rows)
-    chunk = chunk or CPU_COLUMN_CHUNK
-    out = torch.empty(rows.shape[1], dtype=dtype or rows.dtype)
-    for start in range(0, rows.shape[1], chunk):
-        out[start:start + chunk] = reduce(rows[:, start:start + chunk])
-    return out
+    total = torch.zeros(rows.shape[1], dtype=dtype or rows.dtype, device=rows.device)
+    for weight, row in zip(weights, rows):
+        if weight != 0:
+            total.add_(row, alpha=weight)
+    return total
