@@ -78,7 +78,7 @@ from torch import Tensor, nn
 
 from fl_lightning.data import DataError, download_file
 from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import iid_partition
+from fl_lightning.tasks.partition import iid_split
 from fl_lightning.tasks.text import (
     PAD_ID,
     count_words,
@@ -313,7 +313,7 @@ class Sentiment140(Task):
             np.cumsum(np.bincount(client, minlength=num_clients), out=offsets[1:])
             partition = ClientPartition(torch.arange(train_x.shape[0]), torch.from_numpy(offsets))
         else:
-            partition = ClientPartition.from_lists(iid_partition(train_x.shape[0], num_clients, rng_seed))
+            partition = ClientPartition.from_csr(*iid_split(train_x.shape[0], num_clients, rng_seed))
 
         greek_train_x, _ = pad_right(encode_normalized(self.tokenizer, greek_norm), self.seq_len)
         honest_edge_idx = torch.arange(train_x.shape[0], train_x.shape[0] + honest_edge)
