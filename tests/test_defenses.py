@@ -376,6 +376,17 @@ def test_gram_matrix_is_accurate_over_many_columns_and_in_the_float64_fallback(m
     torch.testing.assert_close(gram_matrix(deltas), exact, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 30, 47])
+def test_gram_matrix_panels_cover_every_pair_once(n, monkeypatch):
+    # panels of 16 columns, the last one shifted back to end at row n: no entry missed or counted twice
+    monkeypatch.setattr(robust, "GRAM_BLOCK", 256)
+    monkeypatch.setattr(robust, "GRAM_CPU_GROUP_BYTES", n * 256 * 4 * 2)  # two blocks per group
+    deltas = torch.randn(n, 5 * 256 + 3, generator=gen(n)) + 0.25
+    gram = gram_matrix(deltas)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, deltas.double() @ deltas.double().T, rtol=1e-5, atol=1e-4)  # a block: ~16
+
+
 def test_chunked_paths_agree_with_unchunked_ones(monkeypatch):
     g = gen(9)
     deltas, counts = torch.randn(7, 1000, generator=g), torch.randint(1, 50, (7,), generator=g).float()
@@ -383,7 +394,8 @@ def test_chunked_paths_agree_with_unchunked_ones(monkeypatch):
     whole = [make()(deltas, counts, gen()) for make in rules]
     monkeypatch.setattr(robust, "SORT_COLUMN_CHUNK", 45)
     monkeypatch.setattr(robust, "GRAM_BLOCK", 64)
-    monkeypatch.setattr(robust, "GRAM_MAX_PARTIAL", 7 * 7 * 3)  # three blocks per product
+    monkeypatch.setattr(robust, "GRAM_MAX_PARTIAL", 7 * 7 * 3)  # three blocks per product on GPUs
+    monkeypatch.setattr(robust, "GRAM_CPU_GROUP_BYTES", 7 * 64 * 4 * 3)  # and on CPUs
     for make, reference in zip(rules, whole):
         result = make()(deltas, counts, gen())
         torch.testing.assert_close(result.update, reference.update, rtol=1e-6, atol=1e-7)
