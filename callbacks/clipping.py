@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg
+from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg, weighted_sum
 from fl_lightning.callbacks.robust import _check_float
 
 NORM_BLOCK = 4096
@@ -42,11 +42,15 @@ def clip_to_norm(deltas: Tensor, norm_bound: float) -> Tensor:
     Returns:
         The clipped updates, `[n, n_params]`.
     """
-    norms = row_norms(deltas)  # [n]
-    factors = (norms / norm_bound).clamp_min(1.0)  # [n]: 1 for rows within the bound
+    factors = clip_factors(deltas, norm_bound)  # [n]
     if bool((factors == 1.0).all()):
         return deltas
     return deltas / factors[:, None]  # x / 1.0 is x: rows within the bound stay bitwise equal
+
+
+def clip_factors(deltas: Tensor, norm_bound: float) -> Tensor:
+    """`max(1, |delta| / norm_bound)` for every update, `[n]`: what each row is divided by when clipped."""
+    return (row_norms(deltas) / norm_bound).clamp_min(1.0)
 
 
 def row_norms(deltas: Tensor) -> Tensor:
@@ -82,6 +86,12 @@ class NormClipping(Aggregator):
         self.inner = inner if inner is not None else FedAvg()  # stored resolved, so the saved config says FedAvg
 
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
+        if type(self.inner) is FedAvg:
+            # The mean of the clipped rows is a weighted sum of the raw rows with weights p_i / factor_i:
+            # no clipped [n, n_params] copy (at 100 x 10M that copy costs 10x the sum itself).
+            client_weights = weights / weights.sum()  # [n]
+            row_weights = client_weights / clip_factors(deltas, self.norm_bound).to(client_weights.dtype)  # [n]
+            return Aggregate(update=weighted_sum(deltas, row_weights), client_weights=client_weights)
         return self.inner(clip_to_norm(deltas, self.norm_bound), weights, generator)
 
 

@@ -84,6 +84,16 @@ def test_norm_clipping_then_fedavg_hand_computed():
     assert isinstance(NormClipping().inner, FedAvg)
 
 
+def test_norm_clipping_fast_path_equals_fedavg_of_the_clipped_updates():
+    # the FedAvg inner folds the clip factors into the weights instead of copying the clipped rows
+    deltas, counts = torch.randn(8, 5000, generator=gen(11)) * 0.05, torch.arange(1.0, 9.0)
+    deltas[2] *= 100  # one far above the bound
+    result = NormClipping(norm_bound=1.0)(deltas, counts, gen())
+    expected = FedAvg()(clip_to_norm(deltas, 1.0), counts, gen())
+    torch.testing.assert_close(result.update, expected.update, rtol=1e-6, atol=1e-8)
+    assert torch.equal(result.client_weights, expected.client_weights)
+
+
 def test_norm_clipping_wraps_any_inner_aggregator():
     # rows of norm 5, 1 and 0.5 clipped to 1: [0.6, 0.8], [1, 0], [0, 0.5]; coordinate medians 0.6 and 0.5
     deltas = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 0.5]])
