@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+WIDE_SUM_CHUNK = 1 << 18
+"""Columns per chunk of a sum wider than its rows (a 2 MiB float64 accumulator: the CPUs' L2 caches)."""
+
 
 @dataclass(frozen=True)
 class Aggregate:
@@ -76,9 +79,14 @@ def weighted_sum(rows: Tensor, weights: Tensor | Sequence[float], dtype: torch.d
 
     A matrix-vector product would be as fast, but BLAS splits its reduction by thread count, so
     the result would change in the last bits with the number of processes; element-wise adds in a
-    fixed row order do not, which keeps the global model bitwise equal on 1 and N processes. (Column
-    chunks sized for the cache were tried: slower here, 22 ms against 9 ms for 30 x 1.2M.) Rows of
+    fixed row order do not, which keeps the global model bitwise equal on 1 and N processes. Rows of
     weight 0 are skipped.
+
+    When `dtype` is wider than the rows' (RFA's float64 sum of float32 rows) on a CPU, the sum runs
+    over column chunks of `WIDE_SUM_CHUNK`, so the wide accumulator stays in the cache: 100 x 10M
+    rows take 0.33 s instead of 4.1 s, with bitwise the same result (the same adds per element, in
+    the same order). For sums in the rows' own dtype whole rows are faster here (9 ms against 22 ms
+    at 30 x 1.2M float32).
 
     Args:
         rows: `[n, n_params]`.
@@ -86,8 +94,13 @@ def weighted_sum(rows: Tensor, weights: Tensor | Sequence[float], dtype: torch.d
         dtype: Accumulation and result dtype; None: the rows'.
     """
     weights = weights.tolist() if isinstance(weights, Tensor) else [float(w) for w in weights]
-    total = torch.zeros(rows.shape[1], dtype=dtype or rows.dtype, device=rows.device)
-    for weight, row in zip(weights, rows):
-        if weight != 0:
-            total.add_(row, alpha=weight)
+    dtype = dtype or rows.dtype
+    total = torch.zeros(rows.shape[1], dtype=dtype, device=rows.device)
+    wide = rows.device.type == "cpu" and torch.finfo(dtype).bits > torch.finfo(rows.dtype).bits
+    chunk = WIDE_SUM_CHUNK if wide else max(rows.shape[1], 1)
+    for start in range(0, rows.shape[1], chunk):
+        accumulator = total[start:start + chunk]  # a view: adds land in `total`
+        for weight, row in zip(weights, rows[:, start:start + chunk]):
+            if weight != 0:
+                accumulator.add_(row, alpha=weight)
     return total

@@ -31,6 +31,18 @@ def test_weighted_sum_matches_matrix_product():
     torch.testing.assert_close(weighted_sum(rows, weights), weights @ rows)
 
 
+def test_wide_weighted_sum_by_column_chunks_is_bitwise_the_whole_row_sum(monkeypatch):
+    from fl_lightning import aggregation
+    rows, weights = torch.randn(6, 1000), [0.5, 0.0, 0.25, 1e-3, 0.125, 0.3]
+    whole = torch.zeros(1000, dtype=torch.float64)
+    for weight, row in zip(weights, rows):
+        if weight:
+            whole.add_(row, alpha=weight)
+    monkeypatch.setattr(aggregation, "WIDE_SUM_CHUNK", 96)  # chunks plus a short last one
+    chunked = weighted_sum(rows, weights, torch.float64)
+    assert chunked.dtype == torch.float64 and torch.equal(chunked, whole)
+
+
 def test_aggregator_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="expected deltas"):
         FedAvg()(torch.zeros(3, 4), torch.ones(2), torch.Generator())
