@@ -51,7 +51,7 @@ from fl_lightning.config import (
     validate_args,
 )
 from fl_lightning.data import DataError, resolve_data_dir
-from fl_lightning.distributed import all_reduce_sum, broadcast_json, broadcast_tensor_, gather_updates
+from fl_lightning.distributed import UpdateGatherer, all_reduce_sum, broadcast_json, broadcast_tensor_
 from fl_lightning.hooks import FLCallback
 from fl_lightning.loggers import MetricsCSV, RoundProgress, make_wandb_logger
 from fl_lightning.metrics import reject_non_finite, round_metrics
@@ -193,7 +193,7 @@ def run_rounds(run: Run, state: RunState) -> None:
         my_slots = slots_for_rank(len(plan.client_ids), fabric.global_rank, fabric.world_size, sizes)
         local = run.train_local(plan, my_slots, state.global_params)
         # 3. Gather: every rank now holds the same updates, in slot order.
-        updates = gather_updates(fabric, local, len(plan.client_ids), state.global_params.numel())
+        updates = run.gather_updates(local, len(plan.client_ids), *state.global_params.shape, state.global_params.dtype)
         # 4. Aggregate: non-finite updates are rejected, never averaged in.
         updates, rejected = reject_non_finite(updates)
         fabric.call("on_before_aggregate", updates=updates, round_idx=round_idx)
@@ -242,6 +242,7 @@ class Run:
         if client.batching == "vmap":
             self.batched = BatchedTrainer(fabric, task)
             self.batched.probe(data.train_inputs[:2], data.train_targets[:2])
+        self.gather_updates = UpdateGatherer(fabric)
         self.metrics_csv: MetricsCSV | None = None
         self.wandb = None
         self.progress: RoundProgress | None = None
