@@ -147,20 +147,26 @@ def make_updates(n: int, n_params: int, seed: int = 0) -> tuple[torch.Tensor, to
     return deltas, counts
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
-    """Median seconds over `repeats` calls, and the last result."""
-    times, result = [], None
-    for _ in range(repeats):
-        result = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed_pair(torch_fn: Callable[[], object], numpy_fn: Callable[[], object], repeats: int, numpy_repeats: int,
+               device: torch.device) -> tuple[float, object, float, object]:
+    """Median seconds of both sides and their last results, the calls alternating (torch, numpy, torch, ...)
+    so that a slow spell of a shared machine hits both sides alike."""
+    times: dict[str, list[float]] = {"torch": [], "numpy": []}
+    results: dict[str, object] = {}
+    for index in range(max(repeats, numpy_repeats)):
+        for side, fn, count in (("torch", torch_fn, repeats), ("numpy", numpy_fn, numpy_repeats)):
+            if index >= count:
+                continue
+            results[side] = None
+            gc.collect()
+            if side == "torch" and device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results[side] = fn()
+            if side == "torch" and device.type == "cuda":
+                torch.cuda.synchronize()
+            times[side].append(time.perf_counter() - start)
+    return statistics.median(times["torch"]), results["torch"], statistics.median(times["numpy"]), results["numpy"]
 
 
 def bench_size(n: int, n_params: int, repeats: int, numpy_repeats: int, device: torch.device,
@@ -175,11 +181,11 @@ def bench_size(n: int, n_params: int, repeats: int, numpy_repeats: int, device: 
             continue
         aggregator = make()
         aggregator(on_device[:, :50_000], counts_device, torch.Generator().manual_seed(0))  # warm-up
-        t_torch, result = timed(lambda agg=aggregator: agg(on_device, counts_device, torch.Generator().manual_seed(0)),
-                                repeats, device)
+        t_torch, result, t_numpy, expected = timed_pair(
+            lambda agg=aggregator: agg(on_device, counts_device, torch.Generator().manual_seed(0)),
+            lambda fn=np_fn: fn(points, counts_np), repeats, numpy_repeats, device)
         update = result.update.float().cpu()
         del result
-        t_numpy, expected = timed(lambda fn=np_fn: fn(points, counts_np), numpy_repeats, torch.device("cpu"))
         diff = (update - torch.from_numpy(np.asarray(expected, dtype=np.float32))).abs().max().item()
         scale = float(np.abs(expected).max())
         rows.append({"n": n, "n_params": n_params, "defense": name, "torch_s": t_torch, "numpy_s": t_numpy,
