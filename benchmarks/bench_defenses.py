@@ -9,8 +9,9 @@ Usage:
     python benchmarks/bench_defenses.py                              # 30 x 1,199,882 and 100 x 10M
     python benchmarks/bench_defenses.py --sizes 30x1199882 --repeats 5
 
-Prints a markdown table (medians over repeats; the numpy side may use fewer repeats at the large
-size, see --numpy-repeats) plus the machine, torch version and thread count.
+Prints a markdown table (medians over repeats, the torch and numpy calls alternating so that a slow
+spell of a shared machine hits both sides; the numpy side may use fewer repeats at the large size,
+see --numpy-repeats) plus the machine, torch version and thread count.
 """
 
 from __future__ import annotations
