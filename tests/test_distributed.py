@@ -56,7 +56,7 @@ def gather_on_two_ranks(tmp_path: Path, shared_dir: str) -> list[dict]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(worker, args=(2, port, shared_dir, str(tmp_path)), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
 def test_shared_memory_and_all_gather_paths_give_the_rows_in_slot_order(tmp_path):
