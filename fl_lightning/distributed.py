@@ -96,7 +96,7 @@ class UpdateGatherer:
             return None
         self.shared_checked = True  # shape and dtype are fixed for a run: decide once
         numel = num_rows * num_params
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         machines = gather_json(fabric, [socket.gethostname(), _boot_id()])
         path = None
         if fabric.global_rank == 0 and all(m == machines[0] for m in machines):

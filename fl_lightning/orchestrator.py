@@ -193,7 +193,8 @@ def run_rounds(run: Run, state: RunState) -> None:
         my_slots = slots_for_rank(len(plan.client_ids), fabric.global_rank, fabric.world_size, sizes)
         local = run.train_local(plan, my_slots, state.global_params)
         # 3. Gather: every rank now holds the same updates, in slot order.
-        updates = run.gather_updates(local, len(plan.client_ids), *state.global_params.shape, state.global_params.dtype)
+        updates = run.gather_updates(local, len(plan.client_ids), state.global_params.numel(),
+                                     state.global_params.dtype)
         # 4. Aggregate: non-finite updates are rejected, never averaged in.
         updates, rejected = reject_non_finite(updates)
         fabric.call("on_before_aggregate", updates=updates, round_idx=round_idx)
