@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from fl_lightning.aggregation import Aggregator, FedAvg
+from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg
 from fl_lightning.callbacks import CoordinateMedian, GeometricMedian, Krum, MultiKrum, NormClipping, TrimmedMean, WeakDP
 
 NORM_BOUND, STDDEV, NUM_ADVERSARIES, BETA = 2.0, 0.025, 1, 0.1
@@ -148,6 +148,13 @@ def make_updates(n: int, n_params: int, seed: int = 0) -> tuple[torch.Tensor, to
     return deltas, counts
 
 
+def with_noise(aggregate: Aggregate) -> Aggregate:
+    """Weak DP's noise added to the update, as the numpy version returns it (and as the server adds it)."""
+    if aggregate.noise is None:
+        return aggregate
+    return Aggregate(update=aggregate.update + aggregate.noise, client_weights=aggregate.client_weights)
+
+
 def timed_pair(torch_fn: Callable[[], object], numpy_fn: Callable[[], object], repeats: int, numpy_repeats: int,
                device: torch.device) -> tuple[float, object, float, object]:
     """Median seconds of both sides and their last results, the calls alternating (torch, numpy, torch, ...)
@@ -183,7 +190,7 @@ def bench_size(n: int, n_params: int, repeats: int, numpy_repeats: int, device: 
         aggregator = make()
         aggregator(on_device[:, :50_000], counts_device, torch.Generator().manual_seed(0))  # warm-up
         t_torch, result, t_numpy, expected = timed_pair(
-            lambda agg=aggregator: agg(on_device, counts_device, torch.Generator().manual_seed(0)),
+            lambda agg=aggregator: with_noise(agg(on_device, counts_device, torch.Generator().manual_seed(0))),
             lambda fn=np_fn: fn(points, counts_np), repeats, numpy_repeats, device)
         update = result.update.float().cpu()
         del result

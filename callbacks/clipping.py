@@ -9,15 +9,17 @@ Deviations from the reference code (`defense.py` of Wang et al.; see the paper s
     - The clipping acts on the updates `[n, n_params]` (local minus global model) the server
       receives; the reference rebuilds each local model as `w_t + clipped update`, the same thing.
     - Any aggregator can run after clipping (`inner`); the reference always runs FedAvg.
-    - The weak-DP noise is added to the aggregate update, which is adding it to the new global
-      model when the server step size is 1 (the paper's FedAvg; `global += server_lr * update`
-      scales it otherwise). It is drawn from the round's seeded CPU generator, so every rank and
-      every device draws the same noise. The reference's deprecated `WeakDPDefense` (which clips
-      whole weights and never applies its noise) is not reproduced; its live path (clip, average,
-      `AddNoise`) is.
+    - The weak-DP noise goes to the new global model after the server step (`Aggregate.noise`),
+      so its standard deviation is `stddev` whatever `--fl.server_lr` is, as in the reference
+      (which has no server step size). It is drawn from the round's seeded CPU generator, so every
+      rank and every device draws the same noise. The reference's deprecated `WeakDPDefense`
+      (which clips whole weights and never applies its noise) is not reproduced; its live path
+      (clip, average, `AddNoise`) is.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -98,8 +100,9 @@ class NormClipping(Aggregator):
 class WeakDP(NormClipping):
     """Weak differential privacy: norm clipping, `inner` aggregation, then N(0, stddev^2) noise per coordinate.
 
-    The noise is drawn once per round from the round's generator and added to the aggregate update.
-    The client weights reported are the inner aggregator's.
+    The noise is drawn once per round from the round's generator and returned as `Aggregate.noise`,
+    which the orchestrator adds to the new global model after the server step, unscaled. The
+    update and the client weights reported are the inner aggregator's.
 
     Args:
         norm_bound: M, the largest L2 norm an update keeps (the paper: 2 on CIFAR-10, 1.5 on EMNIST).
@@ -117,6 +120,8 @@ class WeakDP(NormClipping):
         if self.stddev == 0:
             return result
         # Drawn on the CPU from the round's generator, so it is the same on every rank and device.
-        noise = torch.randn(result.update.shape, generator=generator, dtype=result.update.dtype)  # [n_params]
-        update = result.update + self.stddev * noise.to(result.update.device)
-        return Aggregate(update=update, client_weights=result.client_weights)
+        noise = self.stddev * torch.randn(result.update.shape, generator=generator, dtype=result.update.dtype)
+        noise = noise.to(result.update.device)  # [n_params]
+        if result.noise is not None:  # an inner WeakDP: both noises land on the model
+            noise += result.noise
+        return replace(result, noise=noise)

@@ -30,10 +30,19 @@ class Aggregate:
         client_weights: The weight each client effectively got, `[n_clients]`, summing to 1 where
             the rule is a weighted mean (one-hot for Krum, the selection for Multi-Krum, the
             Weiszfeld weights for RFA); `None` for coordinate-wise rules that have no such weights.
+        noise: Added to the new global model after the server step, not scaled by the server step
+            size (weak DP's Gaussian noise), `[n_params]`; `None` for none.
     """
 
     update: Tensor
     client_weights: Tensor | None
+    noise: Tensor | None = None
+
+    def apply_(self, global_params: Tensor, server_lr: float) -> None:
+        """`global_params += server_lr * update`, then `+= noise`, in place."""
+        global_params.add_(self.update, alpha=server_lr)
+        if self.noise is not None:
+            global_params.add_(self.noise)
 
 
 class Aggregator(ABC):

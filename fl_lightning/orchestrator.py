@@ -201,7 +201,7 @@ def run_rounds(run: Run, state: RunState) -> None:
         aggregate = run.aggregate(updates, round_idx)
         fabric.call("on_after_aggregate", aggregate=aggregate, round_idx=round_idx)
         # 5. Apply, then make rank 0's result everyone's.
-        state.global_params.add_(aggregate.update, alpha=fl.server_lr)
+        aggregate.apply_(state.global_params, fl.server_lr)
         broadcast_tensor_(fabric, state.global_params)
         state.round_idx = round_idx
         # 6. Measure.

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cli_helpers import read_metrics, run_cli
+from cli_helpers import final_model, read_metrics, run_cli
 
-from fl_lightning.aggregation import FedAvg
+from fl_lightning.aggregation import Aggregate, FedAvg
 from fl_lightning.callbacks import (
     CoordinateMedian,
     GeometricMedian,
@@ -105,28 +105,45 @@ def test_norm_clipping_wraps_any_inner_aggregator():
 def test_weak_dp_hand_computed():
     deltas = torch.tensor([[6.0, 8.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     result = WeakDP(norm_bound=2.0, stddev=0.5)(deltas, torch.tensor([1.0, 3.0]), gen(7))
-    # the clipped mean plus 0.5 * N(0, 1) drawn from the round's generator
-    expected = torch.tensor([0.3, 0.4, 0.75, 0.0]) + 0.5 * torch.randn(4, generator=gen(7))
-    torch.testing.assert_close(result.update, expected)
+    # the clipped mean, and apart from it 0.5 * N(0, 1) drawn from the round's generator
+    torch.testing.assert_close(result.update, torch.tensor([0.3, 0.4, 0.75, 0.0]))
+    torch.testing.assert_close(result.noise, 0.5 * torch.randn(4, generator=gen(7)))
     torch.testing.assert_close(result.client_weights, torch.tensor([0.25, 0.75]))
     again = WeakDP(norm_bound=2.0, stddev=0.5)(deltas, torch.tensor([1.0, 3.0]), gen(7))
     other_round = WeakDP(norm_bound=2.0, stddev=0.5)(deltas, torch.tensor([1.0, 3.0]), gen(8))
-    assert torch.equal(result.update, again.update) and not torch.equal(result.update, other_round.update)
+    assert torch.equal(result.noise, again.noise) and not torch.equal(result.noise, other_round.noise)
 
 
-def test_weak_dp_noise_has_the_asked_standard_deviation():
+def test_weak_dp_noise_has_the_asked_standard_deviation_whatever_the_server_step():
     deltas = torch.zeros(3, 1_000_000)
-    update = WeakDP(norm_bound=1.0, stddev=0.025)(deltas, torch.ones(3), gen(3)).update
-    # the std of 1e6 draws is within 0.1% of sigma with overwhelming probability; 1% leaves room
-    assert abs(update.std().item() - 0.025) < 0.025 * 0.01
-    assert abs(update.mean().item()) < 5 * 0.025 / math.sqrt(1_000_000)
+    aggregate = WeakDP(norm_bound=1.0, stddev=0.025)(deltas, torch.ones(3), gen(3))
+    for server_lr in (1.0, 0.1, 3.0):
+        model = torch.zeros(1_000_000)
+        aggregate.apply_(model, server_lr)
+        # the std of 1e6 draws is within 0.1% of sigma with overwhelming probability; 1% leaves room
+        assert abs(model.std().item() - 0.025) < 0.025 * 0.01, server_lr
+        assert abs(model.mean().item()) < 5 * 0.025 / math.sqrt(1_000_000)
+
+
+def test_apply_steps_by_server_lr_then_adds_the_noise_unscaled():
+    model = torch.tensor([1.0, 1.0])
+    Aggregate(update=torch.tensor([2.0, 4.0]), client_weights=None, noise=torch.tensor([0.5, -0.5])).apply_(model, 0.5)
+    assert torch.equal(model, torch.tensor([2.5, 2.5]))  # 1 + 0.5 * 2 + 0.5, 1 + 0.5 * 4 - 0.5
+
+
+def test_weak_dp_around_weak_dp_adds_both_noises():
+    deltas = torch.zeros(2, 1000)
+    outer = WeakDP(norm_bound=1.0, stddev=0.3, inner=WeakDP(norm_bound=1.0, stddev=0.4))(deltas, torch.ones(2), gen(5))
+    generator = gen(5)
+    inner_noise = 0.4 * torch.randn(1000, generator=generator)  # the inner draws first
+    torch.testing.assert_close(outer.noise, 0.3 * torch.randn(1000, generator=generator) + inner_noise)
 
 
 def test_weak_dp_without_noise_is_norm_clipping():
     deltas, counts = torch.randn(6, 100, generator=gen(2)) * 3, torch.arange(1.0, 7.0)
     clipped = NormClipping(norm_bound=2.0)(deltas, counts, gen())
     noiseless = WeakDP(norm_bound=2.0, stddev=0.0)(deltas, counts, gen())
-    assert torch.equal(clipped.update, noiseless.update)
+    assert torch.equal(clipped.update, noiseless.update) and noiseless.noise is None
 
 
 # ----- Krum and Multi-Krum -----
@@ -444,3 +461,19 @@ def test_weak_dp_around_krum_through_the_cli(tmp_path):
     rows = read_metrics(run_dir)[1:]
     assert [float(r["num_adversaries"]) for r in rows] == [1.0, 1.0]
     assert [float(r["adversary_weight"]) for r in rows] == [0.0, 0.0]
+
+
+def test_weak_dp_noise_on_the_model_does_not_shrink_with_the_server_step(tmp_path):
+    # A norm bound of 1e-12 leaves the clients' step at ~0, so the model moves by the noise alone:
+    # the same draw at server_lr 1 and 0.25 (it used to be scaled by server_lr).
+    def moved(name: str, stddev: str, server_lr: str) -> torch.Tensor:
+        run_cli("fit", "--task", "toy", "--fl.rounds", "1", "--aggregator", "WeakDP",
+                "--aggregator.norm_bound", "1e-12", "--aggregator.stddev", stddev, "--fl.server_lr", server_lr,
+                "--log.logger", "csv", "--log.progress_bar", "false", "--fl.eval_every", "0", "--name", name,
+                "--accelerator", "cpu", cwd=tmp_path)
+        return final_model(tmp_path / "runs" / name)
+
+    start = moved("still", "0.0", "1.0")
+    full, quarter = moved("full", "0.5", "1.0") - start, moved("quarter", "0.5", "0.25") - start
+    torch.testing.assert_close(quarter, full, atol=1e-6, rtol=0)
+    assert 0.4 < full.std().item() < 0.6
