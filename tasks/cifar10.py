@@ -47,8 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, load_numpy_pickle, save_npz
-from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import attach_rows, label_partition, spread_over_holders
+from fl_lightning.tasks.base import Batch, FederatedData, Task, TaskSettings, image_edge_case_data
+from fl_lightning.tasks.partition import label_partition, spread_over_holders
 
 NUM_CLASSES = 10
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -365,20 +365,10 @@ class Cifar10(Task):
                              f"in the attacker's pool for attack_case={case!r}")
         chosen = np.sort(rng.choice(attacker_pool.shape[0], size=self.edge_count, replace=False))
         clean = np.sort(rng.choice(num_train, size=self.clean_count, replace=False))
-        edge_x = np.concatenate([attacker_pool[chosen], main["x_train"][clean]])
-        edge_y = np.concatenate([np.full(self.edge_count, TRUCK, dtype=np.int64), y_train[clean]])
-
         extra = spread_over_holders(honest.shape[0], settings.num_clients, max(holders, 1), settings.seed,
                                     group_size=ROTATIONS, salt=3002) if honest.shape[0] else []
-        order, offsets = attach_rows(order, offsets, extra, offset=num_train)
-        train_x = np.concatenate([main["x_train"], honest])
-        train_y = np.concatenate([y_train, np.full(honest.shape[0], AIRPLANE, dtype=np.int64)])
-        return FederatedData(
-            train_inputs=_images(train_x), train_targets=torch.from_numpy(train_y),
-            partition=ClientPartition.from_csr(order, offsets),
-            test_inputs=_images(main["x_test"]), test_targets=torch.from_numpy(main["y_test"].astype(np.int64)),
-            backdoor_inputs=_images(backdoor_x),
-            backdoor_targets=torch.full((backdoor_x.shape[0],), TRUCK, dtype=torch.int64),
-            edge_train_inputs=_images(edge_x), edge_train_targets=torch.from_numpy(edge_y),
-            extras={"edge_train_is_edge": torch.arange(edge_y.shape[0]) < self.edge_count},
-        )
+        return image_edge_case_data(
+            images=_images, train_x=main["x_train"], train_y=y_train, order=order, offsets=offsets,
+            test_x=main["x_test"], test_y=main["y_test"], honest_x=honest, honest_label=AIRPLANE,
+            honest_holders=extra, edge_x=attacker_pool[chosen], clean_rows=clean, target_label=TRUCK,
+            backdoor_x=backdoor_x)

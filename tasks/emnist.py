@@ -48,8 +48,8 @@ import torch
 from torch import Tensor, nn
 
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, save_npz
-from fl_lightning.tasks.base import ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import attach_rows, label_partition, spread_over_holders
+from fl_lightning.tasks.base import FederatedData, Task, TaskSettings, image_edge_case_data
+from fl_lightning.tasks.partition import label_partition, spread_over_holders
 
 NUM_CLASSES = 10
 # MNIST statistics; the reference normalises EMNIST with them too (paper-spec §2.2).
@@ -360,8 +360,6 @@ class Emnist(Task):
         # relabelled 1, then `clean_count` training images drawn by seed, with their true labels.
         rng = np.random.default_rng([settings.seed, 2001])
         clean = np.sort(rng.choice(num_train, size=self.clean_count, replace=False))
-        edge_x = np.concatenate([sevens[:self.edge_count], main["x_train"][clean]])
-        edge_y = np.concatenate([np.full(self.edge_count, BACKDOOR_LABEL, dtype=np.int64), y_train[clean]])
 
         # Honest holders of ARDIS sevens with their true label (paper-spec §2.4), appended as extra rows.
         case = settings.attack_case
@@ -377,16 +375,8 @@ class Emnist(Task):
         else:
             raise ValueError(f"unknown attack_case {case!r}; allowed: edge, almost_edge, normal")
         extra = spread_over_holders(honest.shape[0], settings.num_clients, max(holders, 1), settings.seed, salt=2002)
-        order, offsets = attach_rows(order, offsets, extra if honest.shape[0] else [], offset=num_train)
-
-        train_x = np.concatenate([main["x_train"], honest])
-        train_y = np.concatenate([y_train, np.full(honest.shape[0], ARDIS_SEVEN, dtype=np.int64)])
-        return FederatedData(
-            train_inputs=_images(train_x), train_targets=torch.from_numpy(train_y),
-            partition=ClientPartition.from_csr(order, offsets),
-            test_inputs=_images(main["x_test"]), test_targets=torch.from_numpy(main["y_test"].astype(np.int64)),
-            backdoor_inputs=_images(test_sevens),
-            backdoor_targets=torch.full((test_sevens.shape[0],), BACKDOOR_LABEL, dtype=torch.int64),
-            edge_train_inputs=_images(edge_x), edge_train_targets=torch.from_numpy(edge_y),
-            extras={"edge_train_is_edge": torch.arange(edge_y.shape[0]) < self.edge_count},
-        )
+        return image_edge_case_data(
+            images=_images, train_x=main["x_train"], train_y=y_train, order=order, offsets=offsets,
+            test_x=main["x_test"], test_y=main["y_test"], honest_x=honest, honest_label=ARDIS_SEVEN,
+            honest_holders=extra if honest.shape[0] else [], edge_x=sevens[:self.edge_count], clean_rows=clean,
+            target_label=BACKDOOR_LABEL, backdoor_x=test_sevens)
