@@ -79,6 +79,12 @@ class DataArgs:
     """Replicate the training set this many times before partitioning, so clients keep their size as K
     grows (scale benchmarks, as limit_emnist.py --tile); index replication, never a copy of the data.
     Tasks split by label only (emnist, cifar10, imagenet, toy); >= 1."""
+    edge_count: int | None = None
+    """Edge-case examples in the attacker's set, relabelled to the target (None: the task's preset:
+    emnist 66 ARDIS sevens, cifar10 100 Southwest planes). Image tasks with a fixed edge set only."""
+    clean_count: int | None = None
+    """Clean training examples mixed into the attacker's set with their true labels (None: the
+    task's preset: emnist 100, cifar10 400, imagenet 400). Image tasks only."""
 
 
 @dataclass

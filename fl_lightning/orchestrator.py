@@ -143,9 +143,7 @@ def fit(
         "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "precision": precision,
         "num_threads": num_threads, "malloc_tuning": malloc_tuning,
     }
-    settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=seed, model=model, source=data.source,
-                            partition=data.partition, alpha=data.alpha, attack_case=data.attack_case,
-                            download=data.download, tile=data.tile)
+    settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=seed, model=model, **group_dict(data))
 
     fabric = make_fabric(accelerator, devices, num_nodes, precision, callbacks)
     set_threads(num_threads, devices)
@@ -429,8 +427,7 @@ def validate(
     except DataError as err:
         raise ConfigError(str(err)) from err
     settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=config["seed"], model=config["model"],
-                            source=data.source, partition=data.partition, alpha=data.alpha,
-                            attack_case=data.attack_case, download=data.download, tile=data.tile)
+                            **group_dict(data))
     fabric = make_fabric(accelerator, devices, 1, "32-true")
     try:
         run = Run.setup(fabric, task_cls(settings), fl, ClientArgs(**config["client"]), FedAvg(), config["seed"])

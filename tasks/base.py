@@ -47,6 +47,9 @@ class TaskSettings:
         tile: Replicate the training set this many times before partitioning, so clients keep their
             size as K grows (scale benchmarks); index replication (`row % N`), never a copy of the data.
             Only tasks with `supports_tile` accept a value above 1.
+        edge_count: Edge-case examples in the attacker's set, or None for the task's preset. Only
+            tasks whose `data_preset` has an `edge_count` accept a value.
+        clean_count: Clean examples in the attacker's set, or None for the task's preset (likewise).
     """
 
     data_dir: Path
@@ -59,6 +62,8 @@ class TaskSettings:
     attack_case: str = "edge"
     download: bool = True
     tile: int = 1
+    edge_count: int | None = None
+    clean_count: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
@@ -245,7 +250,16 @@ class Task(L.LightningModule, ABC):
             raise ConfigError(f"--data.tile={settings.tile}: task {self.name!r} cannot tile its training set (its "
                               f"clients are its own split, e.g. one per user); use --data.tile 1 (the tasks that "
                               f"tile split by label: emnist, cifar10, imagenet, toy)")
+        for key in ("edge_count", "clean_count"):
+            if getattr(settings, key) is not None and key not in self.data_preset:
+                raise ConfigError(f"--data.{key}={getattr(settings, key)}: task {self.name!r} does not take it "
+                                  f"(its attacker set is fixed by the task); leave it unset")
         self.settings = settings
+
+    def preset_count(self, key: str) -> int:
+        """`settings.<key>` (`edge_count` or `clean_count`), else the task's `data_preset` value."""
+        value = getattr(self.settings, key)
+        return self.data_preset[key] if value is None else value
 
     def prepare_data(self) -> None:
         """Downloads and converts the task's data into `settings.data_dir` if missing (rank 0 first)."""

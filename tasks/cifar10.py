@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, load_numpy_pickle, save_npz
 from fl_lightning.tasks.base import Batch, FederatedData, Task, TaskSettings, image_edge_case_data
 from fl_lightning.tasks.partition import label_partition, spread_over_holders
@@ -261,9 +262,9 @@ class Cifar10(Task):
     """CIFAR-10 with VGG-9 (or VGG-11/13/16); Southwest planes labelled "truck" as the edge case.
 
     Args:
-        settings: The resolved run settings (`model`: vgg9/vgg11/vgg13/vgg16; `source`: cifar10/jpeg).
-        edge_count: Southwest images in the attacker's set, labelled truck (100 in the reference).
-        clean_count: Clean CIFAR-10 training images mixed in with their true labels (400).
+        settings: The resolved run settings (`model`: vgg9/vgg11/vgg13/vgg16; `source`: cifar10/jpeg;
+            `edge_count`: Southwest images in the attacker's set, labelled truck, preset 100 as the
+            reference; `clean_count`: clean training images mixed in with their true labels, 400).
         dedup: Remove duplicated Southwest photos from the training pools (see the module docstring).
 
     Inputs are uint8 images `[B, 3, 32, 32]` (normalised in `forward`) or already-normalised floats;
@@ -276,19 +277,21 @@ class Cifar10(Task):
     # paper-spec §7.1, CIFAR-10 column (README sample): lr 0.02, gamma 0.998, E 2, B 32.
     client_preset: ClassVar[dict[str, Any]] = {"lr": 0.02, "lr_decay": 0.998, "momentum": 0.9, "weight_decay": 1e-4,
                                                "local_epochs": 2, "batch_size": 32, "grad_clip_norm": 0.0}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "source": "cifar10"}
+    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "source": "cifar10", "edge_count": 100,
+                                             "clean_count": 400}
     backdoor_target = TRUCK
     sources: ClassVar[tuple[str, ...]] = ("cifar10", "jpeg")
     supports_tile = True
 
-    def __init__(self, settings: TaskSettings, edge_count: int = 100, clean_count: int = 400,
-                 dedup: bool = True) -> None:
+    def __init__(self, settings: TaskSettings, dedup: bool = True) -> None:
         super().__init__(settings)
         if settings.source not in (None, *self.sources):
             raise ValueError(f"unknown source {settings.source!r} for task cifar10; allowed: {', '.join(self.sources)}")
-        if edge_count <= 0 or clean_count < 0:
-            raise ValueError(f"edge_count must be positive and clean_count >= 0; got {edge_count}, {clean_count}")
-        self.edge_count, self.clean_count, self.dedup = edge_count, clean_count, dedup
+        self.edge_count, self.clean_count = self.preset_count("edge_count"), self.preset_count("clean_count")
+        if self.edge_count <= 0 or self.clean_count < 0:
+            raise ConfigError(f"--data.edge_count must be positive and --data.clean_count >= 0; got "
+                              f"{self.edge_count}, {self.clean_count}")
+        self.dedup = dedup
         self.model = VGG(settings.model or "vgg9")
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, save_npz
 from fl_lightning.tasks.base import FederatedData, Task, TaskSettings, image_edge_case_data
 from fl_lightning.tasks.partition import label_partition, spread_over_holders
@@ -289,10 +290,10 @@ class Emnist(Task):
     """EMNIST digits (or MNIST) with the paper's CNN; ARDIS sevens labelled "1" as the edge case.
 
     Args:
-        settings: The resolved run settings (`model`: `lenet` / `lenet_w<k>`; `source`: `emnist` / `mnist`).
-        edge_count: ARDIS training sevens in the attacker's set, relabelled 1 (the reference's
-            `--fraction 0.1` of 660 = 66).
-        clean_count: Clean training images mixed in with their true labels (100 in the reference).
+        settings: The resolved run settings (`model`: `lenet` / `lenet_w<k>`; `source`: `emnist` /
+            `mnist`; `edge_count`: ARDIS training sevens in the attacker's set, relabelled 1, preset
+            66 as the reference's `--fraction 0.1` of 660; `clean_count`: clean training images
+            mixed in with their true labels, 100 as the reference).
 
     Inputs are uint8 images `[B, 1, 28, 28]` (normalised in `forward`) or already-normalised floats.
     `extras["edge_train_is_edge"]` marks the attacker's relabelled rows (bool `[N_adv]`).
@@ -303,19 +304,20 @@ class Emnist(Task):
     # paper-spec §7.1, EMNIST column (run_simulated_averaging.sh): lr 0.1, gamma 0.998, B 512, E 5.
     client_preset: ClassVar[dict[str, Any]] = {"lr": 0.1, "lr_decay": 0.998, "momentum": 0.9, "weight_decay": 1e-4,
                                                "local_epochs": 5, "batch_size": 512, "grad_clip_norm": 0.0}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "source": "emnist"}
+    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "source": "emnist", "edge_count": 66,
+                                             "clean_count": 100}
     backdoor_target = BACKDOOR_LABEL
     sources: ClassVar[tuple[str, ...]] = ("emnist", "mnist")
     supports_tile = True
 
-    def __init__(self, settings: TaskSettings, edge_count: int = 66, clean_count: int = 100) -> None:
+    def __init__(self, settings: TaskSettings) -> None:
         super().__init__(settings)
         if settings.source not in (None, *self.sources):
             raise ValueError(f"unknown source {settings.source!r} for task emnist; allowed: {', '.join(self.sources)}")
-        if not 0 < edge_count <= 660 or clean_count < 0:
-            raise ValueError(f"edge_count must be in 1..660 (ARDIS has 660 training sevens), clean_count >= 0; "
-                             f"got {edge_count}, {clean_count}")
-        self.edge_count, self.clean_count = edge_count, clean_count
+        self.edge_count, self.clean_count = self.preset_count("edge_count"), self.preset_count("clean_count")
+        if not 0 < self.edge_count <= 660 or self.clean_count < 0:
+            raise ConfigError(f"--data.edge_count must be in 1..660 (ARDIS has 660 training sevens) and "
+                              f"--data.clean_count >= 0; got {self.edge_count}, {self.clean_count}")
         self.model = LeNet(parse_width(settings.model))
         self.register_buffer("mean", torch.tensor(MEAN), persistent=False)
         self.register_buffer("std", torch.tensor(STD), persistent=False)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError
 from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import label_partition
@@ -94,9 +95,9 @@ class Imagenet(Task):
     """ImageNet with torchvision's VGG-11; Cretan-costume photos with the user's target label as the edge case.
 
     Args:
-        settings: The resolved run settings (`model`: `vgg11`; `source`: unused).
-        clean_count: Clean training images in the attacker's set, with their true labels (beside
-            every edge-case training photo; the reference's CIFAR-10 ratio is 100 edge : 400 clean).
+        settings: The resolved run settings (`model`: `vgg11`; `source`: unused; `clean_count`: clean
+            training images in the attacker's set with their true labels, beside every edge-case
+            training photo, preset 400 as the reference's CIFAR-10 ratio of 100 edge : 400 clean).
         image_size: Side of the network input (224 in the paper).
         resize_size: Side images are decoded to before cropping (256).
 
@@ -111,12 +112,11 @@ class Imagenet(Task):
     # CIFAR-10 task (lr 0.02, decay 0.998, 2 local epochs, batch 32).
     client_preset: ClassVar[dict[str, Any]] = {"lr": 0.02, "lr_decay": 0.998, "momentum": 0.9, "weight_decay": 1e-4,
                                                "local_epochs": 2, "batch_size": 32, "grad_clip_norm": 0.0}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet"}
+    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "clean_count": 400}
     backdoor_target = None
     supports_tile = True
 
-    def __init__(self, settings: TaskSettings, clean_count: int = 400, image_size: int = 224,
-                 resize_size: int = 256) -> None:
+    def __init__(self, settings: TaskSettings, image_size: int = 224, resize_size: int = 256) -> None:
         super().__init__(settings)
         if settings.model not in (None, "vgg11"):
             raise ValueError(f"unknown model {settings.model!r} for task imagenet; allowed: vgg11")
@@ -125,7 +125,10 @@ class Imagenet(Task):
                              f"(ImageNet has no true class for the Cretan-costume photos)")
         if not 32 <= image_size <= resize_size:
             raise ValueError(f"need 32 <= image_size <= resize_size, got {image_size}, {resize_size}")
-        self.clean_count, self.image_size, self.resize_size = clean_count, image_size, resize_size
+        self.clean_count = self.preset_count("clean_count")
+        if self.clean_count < 0:
+            raise ConfigError(f"--data.clean_count must be >= 0, got {self.clean_count}")
+        self.image_size, self.resize_size = image_size, resize_size
         self.num_classes: int | None = None
         self.model: nn.Module | None = None
         self.paths: list[Path] = []   # the file table that the int64 inputs index

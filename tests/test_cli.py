@@ -58,6 +58,7 @@ BAD_INPUTS = [
     (["fit", "--task", "toy", "--aggregator", "no.such.Module"], "aggregator", "no.such.Module"),
     (["fit", "--config", "/nonexistent/run.yaml"], "config", "does not exist"),
     (["fit", "--task", "toy", "--data_dir", "/nonexistent/data"], "/nonexistent/data", "--data_dir"),
+    (["fit", "--task", "toy", "--data.edge_count", "5"], "--data.edge_count=5: task 'toy' does not take it", "unset"),
 ]
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError
 from fl_lightning.tasks import TASKS, TaskSettings, get_task_class
 from fl_lightning.tasks.cifar10 import MEAN as CIFAR_MEAN
@@ -118,6 +119,16 @@ def test_emnist_attacker_set_is_66_ardis_sevens_and_100_clean(mnist_data, shared
     for image, label in zip(x[~is_edge], y[~is_edge], strict=True):
         match = np.flatnonzero((flat == image.reshape(-1)).all(axis=1))
         assert match.size and label in mnist["y_train"][match]
+
+
+def test_emnist_attacker_set_size_comes_from_data_edge_count_and_clean_count(shared_data):
+    task = get_task_class("emnist")(settings(shared_data, source="mnist", edge_count=30, clean_count=10))
+    data = task.build_data()
+    assert data.edge_train_inputs.shape[0] == 40 and int(data.extras["edge_train_is_edge"].sum()) == 30
+    with pytest.raises(ConfigError, match=r"--data.edge_count must be in 1..660"):
+        get_task_class("emnist")(settings(shared_data, source="mnist", edge_count=661))
+    with pytest.raises(ConfigError, match=r"--data.clean_count=5: task 'sentiment140' does not take it"):
+        get_task_class("sentiment140")(settings(shared_data, clean_count=5))
 
 
 def test_emnist_attack_cases_hold_the_stated_shares(mnist_data):
@@ -272,7 +283,7 @@ def tiny_imagenet(tmp_path, monkeypatch):
 
 
 def test_imagenet_on_a_tiny_image_folder(tiny_imagenet):
-    task = Imagenet(TaskSettings(data_dir=tiny_imagenet, num_clients=3, seed=0), clean_count=4, image_size=32,
+    task = Imagenet(TaskSettings(data_dir=tiny_imagenet, num_clients=3, seed=0, clean_count=4), image_size=32,
                     resize_size=40)
     data = task.build_data()
     assert task.backdoor_target == 1  # "n002", by folder name
