@@ -70,7 +70,9 @@ class UpdateGatherer:
             raise RuntimeError(f"gathered slots {[records[i]['slot'] for i in order]} do not cover 0..{num_slots - 1}")
         records = [records[i] for i in order]
         index = [rows[i] for i in order]
-        if index != list(range(deltas.shape[0])):  # one process and no padding: already in order, no copy
+        # One process and no padding: already in order, no copy. The shared buffer is always copied
+        # out (even when its rows happen to be in slot order): the next round overwrites it.
+        if shared is not None or index != list(range(deltas.shape[0])):
             deltas = deltas.index_select(0, torch.tensor(index, device=deltas.device))  # a private copy
         if shared is not None:
             fabric.barrier()  # every rank has its copy: the buffer is free for the next round

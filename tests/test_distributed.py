@@ -47,7 +47,16 @@ def worker(rank: int, world: int, port: int, shared_dir: str, results: str) -> N
         updates = gatherer(local, NUM_SLOTS, NUM_PARAMS)
         rounds.append({"deltas": updates.deltas.clone(), "client_ids": updates.client_ids,
                        "num_examples": updates.num_examples})
-    torch.save({"rounds": rounds, "shared": gatherer.shared is not None}, Path(results) / f"rank{rank}.pt")
+    # 4 slots, rank-major (rank 0: 0 and 1, rank 1: 2 and 3): the buffer's rows are already in slot
+    # order, and the result must still be a private copy, since the next round overwrites the buffer.
+    in_order = UpdateGatherer(GlooFabric(rank, world), shared_dir=shared_dir)
+    local = [ClientUpdate(slot=slot, client_id=slot, delta=expected_delta(0, slot), num_examples=1, loss=0.5,
+                          is_adversary=False) for slot in (2 * rank, 2 * rank + 1)]
+    updates = in_order(local, 4, NUM_PARAMS)
+    private = in_order.shared is None or (
+        updates.deltas.untyped_storage().data_ptr() != in_order.shared.untyped_storage().data_ptr())
+    torch.save({"rounds": rounds, "shared": gatherer.shared is not None, "private": private},
+               Path(results) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -66,6 +75,7 @@ def test_shared_memory_and_all_gather_paths_give_the_rows_in_slot_order(tmp_path
     fallback = gather_on_two_ranks(tmp_path, str(tmp_path / "missing"))  # no such directory: all_gather
     assert [r["shared"] for r in shared] == [True, True] and [r["shared"] for r in fallback] == [False, False]
     assert list(buffer_dir.iterdir()) == []  # the buffer's file is unlinked once every rank mapped it
+    assert all(r["private"] for r in shared)
     for results in (shared, fallback):
         for rank_result in results:
             for round_idx, got in enumerate(rank_result["rounds"]):
