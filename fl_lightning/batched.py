@@ -80,7 +80,7 @@ from fl_lightning.config import ConfigError
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
-    from fl_lightning.tasks.base import Task
+    from fl_lightning.task import Task
 
 
 def check_vmap_support(task: type[Task] | Task) -> None:

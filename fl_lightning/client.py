@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from fl_lightning.tasks.base import iterate_batches
+from fl_lightning.task import iterate_batches
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
     from fl_lightning.config import ClientArgs
-    from fl_lightning.tasks.base import Task
+    from fl_lightning.task import Task
 
 
 @dataclass

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from fl_lightning.aggregation import Aggregate
     from fl_lightning.client import ClientUpdate, LocalTraining, RoundPlan, RoundUpdates
-    from fl_lightning.tasks.base import FederatedData, Task
+    from fl_lightning.task import FederatedData, Task
 
 
 class FLCallback:

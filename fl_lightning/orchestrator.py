@@ -57,8 +57,7 @@ from fl_lightning.loggers import MetricsCSV, RoundProgress, make_wandb_logger
 from fl_lightning.metrics import reject_non_finite, round_metrics
 from fl_lightning.runtime import tune_malloc
 from fl_lightning.sampling import client_seed, sample_clients, server_seed, slots_for_rank
-from fl_lightning.tasks import TaskName, get_task_class
-from fl_lightning.tasks.base import FederatedData, Task, TaskSettings
+from fl_lightning.task import FederatedData, Task, TaskName, TaskSettings
 
 Precision = Literal["32-true", "bf16-mixed"]
 
@@ -115,7 +114,7 @@ def fit(
     """
     if malloc_tuning:
         tune_malloc()
-    task_cls = get_task_class(task)
+    task_cls = Task.by_name(task)
     fl = resolve_args(task_cls.fl_preset, fl)
     client = resolve_args(task_cls.client_preset, client)
     data = resolve_args(task_cls.data_preset, data)
@@ -419,7 +418,7 @@ def validate(
         raise ConfigError(f"no config.yaml beside {path}; validate needs the run's configuration")
     with open(config_path) as handle:
         config = yaml.safe_load(handle)
-    task_cls = get_task_class(config["task"])
+    task_cls = Task.by_name(config["task"])
     fl = replace(FLArgs(**config["fl"]), eval_batch_size=eval_batch_size or config["fl"]["eval_batch_size"])
     data = DataArgs(**config["data"])
     try:

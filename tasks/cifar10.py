@@ -48,8 +48,9 @@ from torch import Tensor, nn
 
 from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, load_numpy_pickle, save_npz
-from fl_lightning.tasks.base import Batch, FederatedData, Task, TaskSettings, image_edge_case_data
+from fl_lightning.task import Batch, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import label_partition, spread_over_holders
+from fl_lightning.tasks.vision import image_edge_case_data
 
 NUM_CLASSES = 10
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -49,8 +49,9 @@ from torch import Tensor, nn
 
 from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, save_npz
-from fl_lightning.tasks.base import FederatedData, Task, TaskSettings, image_edge_case_data
+from fl_lightning.task import FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import label_partition, spread_over_holders
+from fl_lightning.tasks.vision import image_edge_case_data
 
 NUM_CLASSES = 10
 # MNIST statistics; the reference normalises EMNIST with them too (paper-spec §2.2).

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError
-from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
+from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import label_partition
 
 IMAGENET_ENV = "FL_LIGHTNING_IMAGENET"

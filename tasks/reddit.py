@@ -70,7 +70,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from fl_lightning.data import DataError
-from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
+from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.text import (
     EOS,
     PAD_ID,

@@ -77,7 +77,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from fl_lightning.data import DataError, download_file
-from fl_lightning.tasks.base import Batch, ClientPartition, FederatedData, Task, TaskSettings
+from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import iid_split
 from fl_lightning.tasks.text import (
     PAD_ID,

@@ -50,7 +50,7 @@ from tokenizers.trainers import WordLevelTrainer
 from torch import Tensor
 
 from fl_lightning.data import DEFAULT_DATA_DIR
-from fl_lightning.tasks.base import ClientPartition
+from fl_lightning.task import ClientPartition
 
 PAD = "[PAD]"
 UNK = "[UNK]"

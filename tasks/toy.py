@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fl_lightning.tasks.base import ClientPartition, FederatedData, Task
+from fl_lightning.task import ClientPartition, FederatedData, Task
 from fl_lightning.tasks.partition import dirichlet_split, iid_split, tiled_rows
 
 NUM_FEATURES = 16

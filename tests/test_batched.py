@@ -11,8 +11,8 @@ from torch import nn
 from fl_lightning.batched import batch_schedule, check_vmap_support, clip_grad_norms_, sgd_step_
 from fl_lightning.client import LocalTraining
 from fl_lightning.config import ConfigError
+from fl_lightning.task import iterate_batches
 from fl_lightning.tasks import TaskSettings, Toy
-from fl_lightning.tasks.base import iterate_batches
 
 CPU = ["--log.logger", "csv", "--log.progress_bar", "false", "--accelerator", "cpu", "--num_threads", "1"]
 TOY = ["fit", "--task", "toy", *CPU, "--fl.rounds", "3", "--fl.clients_per_round", "7"]

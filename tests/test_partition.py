@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_lightning.tasks.base import ClientPartition
+from fl_lightning.task import ClientPartition
 from fl_lightning.tasks.partition import (
     attach_to_clients,
     default_min_size,

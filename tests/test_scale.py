@@ -9,8 +9,8 @@ import yaml
 from cli_helpers import run_main
 
 from fl_lightning.config import ConfigError
+from fl_lightning.task import ClientPartition, TaskSettings
 from fl_lightning.tasks import get_task_class
-from fl_lightning.tasks.base import ClientPartition, TaskSettings
 from fl_lightning.tasks.partition import (
     attach_rows,
     attach_to_clients,

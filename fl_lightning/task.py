@@ -13,10 +13,10 @@ would flood W&B.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import numpy as np
@@ -24,9 +24,12 @@ import torch
 from torch import Tensor
 
 from fl_lightning.config import ConfigError
-from fl_lightning.tasks.partition import attach_rows
 
 Batch = tuple[Tensor, Tensor]
+
+TaskName = Literal["toy", "sentiment140", "reddit", "emnist", "cifar10", "imagenet"]
+"""The built-in tasks (`--task NAME`); `fl_lightning.tasks` registers one class per name and checks
+at import that the two lists agree. The engine knows the names, never the task modules."""
 
 
 @dataclass(frozen=True)
@@ -164,47 +167,6 @@ class FederatedData:
                              **moved)
 
 
-def image_edge_case_data(*, images: Callable[[np.ndarray], Tensor], train_x: np.ndarray, train_y: np.ndarray,
-                         order: np.ndarray, offsets: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                         honest_x: np.ndarray, honest_label: int, honest_holders: list[tuple[int, np.ndarray]],
-                         edge_x: np.ndarray, clean_rows: np.ndarray, target_label: int,
-                         backdoor_x: np.ndarray) -> FederatedData:
-    """A labelled image task's `FederatedData` with the paper's edge-case pieces (paper-spec §2.4).
-
-    Args:
-        images: Turns an image array into the task's input tensor.
-        train_x: The main training images, `[N, ...]`.
-        train_y: Their labels, `[N]`.
-        order: The clients' rows of the training set, CSR (with `offsets`).
-        offsets: `[K + 1]`.
-        test_x: The main test images.
-        test_y: Their labels.
-        honest_x: Edge examples that honest clients hold with their true label (almost-edge and
-            normal cases; empty for the edge case), appended to the training set as rows `N...`.
-        honest_label: That true label.
-        honest_holders: `(client_id, indices into honest_x)` per holder (`spread_over_holders`).
-        edge_x: The attacker's edge examples, labelled `target_label` in its set.
-        clean_rows: Training rows mixed into the attacker's set with their own labels.
-        target_label: The attacker's label for the edge examples.
-        backdoor_x: The edge-case test images, labelled `target_label`.
-    """
-    num_train = train_y.shape[0]
-    order, offsets = attach_rows(order, offsets, honest_holders, offset=num_train)
-    all_x = np.concatenate([train_x, honest_x])
-    all_y = np.concatenate([train_y, np.full(honest_x.shape[0], honest_label, dtype=np.int64)])
-    attacker_x = np.concatenate([edge_x, train_x[clean_rows]])
-    attacker_y = np.concatenate([np.full(edge_x.shape[0], target_label, dtype=np.int64), train_y[clean_rows]])
-    return FederatedData(
-        train_inputs=images(all_x), train_targets=torch.from_numpy(all_y),
-        partition=ClientPartition.from_csr(order, offsets),
-        test_inputs=images(test_x), test_targets=torch.from_numpy(test_y.astype(np.int64)),
-        backdoor_inputs=images(backdoor_x),
-        backdoor_targets=torch.full((backdoor_x.shape[0],), target_label, dtype=torch.int64),
-        edge_train_inputs=images(attacker_x), edge_train_targets=torch.from_numpy(attacker_y),
-        extras={"edge_train_is_edge": torch.arange(attacker_y.shape[0]) < edge_x.shape[0]},
-    )
-
-
 def iterate_batches(inputs: Tensor, targets: Tensor, batch_size: int, generator: torch.Generator,
                     drop_last: bool = False) -> Iterator[Batch]:
     """Shuffled mini-batches of one client's data (the last partial batch kept unless `drop_last`).
@@ -243,6 +205,21 @@ class Task(L.LightningModule, ABC):
     drop_last: ClassVar[bool] = False
     supports_vmap: ClassVar[bool] = True
     supports_tile: ClassVar[bool] = False
+    registry: ClassVar[dict[str, type[Task]]] = {}
+    """Every task class that declares its own `name`, by name (filled as the classes are defined)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a subclass that keeps its parent's name (a test variant) does not replace it
+            Task.registry.setdefault(cls.name, cls)
+
+    @staticmethod
+    def by_name(name: str) -> type[Task]:
+        """The registered task class called `name`; the CLI registers the built-in ones (`fl_lightning.tasks`)."""
+        if name not in Task.registry:
+            valid = ", ".join(sorted(Task.registry)) or "none registered (import fl_lightning.tasks)"
+            raise ConfigError(f"--task: unknown task {name!r}; valid: {valid}")
+        return Task.registry[name]
 
     def __init__(self, settings: TaskSettings) -> None:
         super().__init__()
