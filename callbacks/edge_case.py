@@ -27,25 +27,20 @@ asked (`eps_decay`; the reference ties it to Krum, Q17); the attack schedule is 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from fl_lightning.callbacks.pgd import project_l2_ball, prox_gradient, replacement_scale, should_project
-from fl_lightning.client import (
-    ClientUpdate,
-    LocalTraining,
-    RoundPlan,
-    evaluation_sums,
-    flat_params,
-    load_flat_params_,
-    num_batches,
-    run_local_epochs,
-)
+from fl_lightning.client import num_batches, train_epochs
 from fl_lightning.config import ConfigError
+from fl_lightning.evaluation import Evaluator
 from fl_lightning.hooks import FLCallback
+from fl_lightning.params import flat_params, load_flat_params_
 from fl_lightning.sampling import derive_seed
+from fl_lightning.types import ClientUpdate, LocalTraining, RoundPlan
 
 _SLOTS, _POOL = 0xA77AC4, 0x9001
 
@@ -104,9 +99,7 @@ class EdgeCaseAttack(FLCallback):
         self.edge_inputs, self.edge_targets = data.edge_train_inputs, data.edge_train_targets
         is_edge = data.extras.get("edge_train_is_edge")
         self.clean_rows = (~is_edge).nonzero().flatten().to(self.edge_inputs.device) if is_edge is not None else None
-        self.eval_sets = {"main": (data.test_inputs, data.test_targets)}
-        if data.backdoor_inputs is not None:
-            self.eval_sets["backdoor"] = (data.backdoor_inputs, data.backdoor_targets)
+        self.evaluate_attacker = Evaluator(fabric, task, data, batch_size=256, sharded=False)
         self.client_sizes = data.partition.sizes().tolist()
         if self.schedule == "fixed_pool":
             if self.pool_size > data.num_clients:
@@ -160,13 +153,10 @@ class EdgeCaseAttack(FLCallback):
         task's own `training_step` stays untouched.
         """
         clean = self.clean_rows if self.clean_rows is not None else torch.arange(ctx.inputs.shape[0])
-        honest = LocalTraining(**{**vars(ctx), "inputs": ctx.inputs[clean], "targets": ctx.targets[clean],
-                                  "optimizer": None})
-        params = [p for p in self.task.parameters() if p.requires_grad]
-        honest.optimizer = torch.optim.SGD(params, lr=honest.lr, momentum=honest.momentum,
-                                           weight_decay=honest.weight_decay)
-        run_local_epochs(self.fabric, self.task, honest, step_hooks=False)
+        honest = replace(ctx, inputs=ctx.inputs[clean], targets=ctx.targets[clean], optimizer=None, step_hooks=False)
+        train_epochs(self.fabric, self.task, honest)  # a fresh SGD, the same generator: the reference's order
         anchor = flat_params(self.task)  # [n_params], the estimate of the honest model
+        params = [p for p in self.task.parameters() if p.requires_grad]
         load_flat_params_(self.task, ctx.global_params)
         for param, chunk in zip(params, torch.split(anchor, [p.numel() for p in params])):
             anchor_param = chunk.view_as(param)
@@ -191,10 +181,11 @@ class EdgeCaseAttack(FLCallback):
             handle.remove()
         self._prox_handles.clear()
         update.stats["adv_norm_before_scaling"] = float(update.delta.norm())
-        if self.measure_attacker:
-            for split, (inputs, targets) in self.eval_sets.items():
-                sums = evaluation_sums(self.fabric, self.task, inputs, targets, batch_size=256)
-                update.stats[f"adv_{split}_acc"] = float(sums["correct"]) / max(float(sums["total"]), 1.0)
+        if self.measure_attacker:  # the attacker's own model, before any scaling
+            metrics = self.evaluate_attacker()
+            for split in ("main", "backdoor"):
+                if f"{split}_acc" in metrics:
+                    update.stats[f"adv_{split}_acc"] = metrics[f"{split}_acc"]
         scale = 1.0
         if self.model_replacement:
             scale = replacement_scale(self.total_examples, self.adversary_examples)

@@ -13,9 +13,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from fl_lightning.config import FLArgs
 
 WIDE_SUM_CHUNK = 1 << 18
 """Columns per chunk of a sum wider than its rows (a 2 MiB float64 accumulator: the CPUs' L2 caches)."""
@@ -67,6 +71,14 @@ class Aggregator(ABC):
         Returns:
             The aggregate update and the weight each client got.
         """
+
+    def check_run(self, fl: FLArgs) -> None:
+        """Raises `ConfigError` if the rule cannot aggregate rounds of these settings (checked before launch).
+
+        E.g. Multi-Krum needs more than `2 f + 2` updates per round; `fl.clients_per_round` is that
+        count when no update is rejected.
+        """
+        return  # most rules run with any number of updates
 
     def __call__(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
         if deltas.ndim != 2 or weights.shape != (deltas.shape[0],):

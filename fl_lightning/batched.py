@@ -65,17 +65,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fl_lightning.client import (
-    ClientUpdate,
-    LocalTraining,
-    finish_client,
-    flat_params,
-    load_flat_params_,
-    num_batches,
-    start_client,
-    train_client,
-)
+from fl_lightning.client import finish_client, num_batches, start_client, train_client
 from fl_lightning.config import ConfigError
+from fl_lightning.params import flat_params, load_flat_params_
+from fl_lightning.types import ClientUpdate, LocalTraining
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -217,23 +210,22 @@ class BatchedTrainer:
             raise ConfigError(f"task {self.task.name!r} cannot be trained with --client.batching vmap: "
                               f"{str(err).splitlines()[0]}; use --client.batching sequential") from err
 
-    def train(self, contexts: Sequence[LocalTraining], step_hooks: bool) -> list[ClientUpdate]:
+    def train(self, contexts: Sequence[LocalTraining]) -> list[ClientUpdate]:
         """Trains the clients of `contexts`; returns their updates in slot order.
 
         Args:
             contexts: This rank's clients of the round, in slot order.
-            step_hooks: Whether `on_after_optimizer_step` has listeners (passed to the sequential path).
         """
         updates: dict[int, ClientUpdate] = {}
         batched: list[LocalTraining] = []
         starts: list[Tensor] = []  # each batched client's starting model, flat [n_params]
         for ctx in contexts:
             if ctx.is_adversary:
-                updates[ctx.slot] = train_client(self.fabric, self.task, ctx, step_hooks)
+                updates[ctx.slot] = train_client(self.fabric, self.task, ctx)
                 continue
             start_client(self.fabric, self.task, ctx)
             if ctx.optimizer is not None:  # a hook chose its own optimizer: only the sequential path runs it
-                updates[ctx.slot] = finish_client(self.fabric, self.task, ctx, step_hooks)
+                updates[ctx.slot] = finish_client(self.fabric, self.task, ctx)
                 continue
             batched.append(ctx)
             starts.append(flat_params(self.task))

@@ -10,16 +10,39 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds: the round last completed, the flat global model, and what a resume needs.
+
+    Attributes:
+        round_idx: The last completed round (0: the start model).
+        global_params: The flat global model, `[n_params]`, on the run's device.
+        wandb_id: The W&B run to continue on resume, if any.
+        callback_states: Each callback's `state_dict`, in the order of `--callbacks`.
+    """
+
+    round_idx: int
+    global_params: Tensor
+    wandb_id: str | None = None
+    callback_states: tuple[dict, ...] = ()
+
+    def save(self, path: Path, task_name: str) -> Path:
+        """Writes the state as a checkpoint (`save_checkpoint`)."""
+        return save_checkpoint(path, self.global_params, {
+            "round_idx": self.round_idx, "task": task_name, "wandb_id": self.wandb_id,
+            "callbacks": list(self.callback_states)})
 
 
 def save_checkpoint(path: Path, global_params: Tensor, state: dict[str, Any]) -> Path:
@@ -62,8 +85,3 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     return path
-
-
-def to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """A checkpoint tensor on the run's device, float32."""
-    return tensor.to(device=device, dtype=torch.float32)

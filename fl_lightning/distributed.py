@@ -19,7 +19,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor
 
-from fl_lightning.client import ClientUpdate, RoundUpdates
+from fl_lightning.types import ClientUpdate, RoundUpdates
 
 
 class UpdateGatherer:

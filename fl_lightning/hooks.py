@@ -8,6 +8,7 @@ and N processes and after a resume.
 
 | hook | when | arguments | may change |
 |---|---|---|---|
+| `check_run` | before launch, on the resolved settings | fl | nothing (raise `ConfigError`) |
 | `on_fit_start` | after data and model are built | task, data, fabric, seed | own state |
 | `on_round_start` | after client selection | round_idx, plan | `plan.is_adversary` |
 | `on_client_start` | before a client's local training | ctx | ctx data, lr, epochs... |
@@ -37,8 +38,9 @@ if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
     from fl_lightning.aggregation import Aggregate
-    from fl_lightning.client import ClientUpdate, LocalTraining, RoundPlan, RoundUpdates
+    from fl_lightning.config import FLArgs
     from fl_lightning.task import FederatedData, Task
+    from fl_lightning.types import ClientUpdate, LocalTraining, RoundPlan, RoundUpdates
 
 
 class FLCallback:
@@ -48,6 +50,13 @@ class FLCallback:
     configuration can be written back. Callbacks with state that must survive a resume implement
     `state_dict` / `load_state_dict` (JSON-serialisable values only).
     """
+
+    def check_run(self, fl: FLArgs) -> None:
+        """Raises `ConfigError` if the callback cannot run with these federated settings.
+
+        Called before any process starts (and by `sweep` for every planned run), so a setting that
+        cannot work (e.g. more attackers per round than clients per round) stops before any work.
+        """
 
     def on_fit_start(self, task: Task, data: FederatedData, fabric: Fabric, seed: int) -> None:
         """Called once, after the task's data and model are built."""

@@ -1,4 +1,9 @@
-"""Per-round metrics computed from the gathered updates and the aggregate (identical on every rank)."""
+"""Per-round metrics computed from the gathered updates and the aggregate (identical on every rank), and their names.
+
+`METRICS` is the one table of the engine's metric names: their column order in `metrics.csv` and
+their W&B panel group (`val/main_acc`, `agg/adversary_weight`, ...). Callback metrics not listed
+here follow their prefix (`train_`, `update_`) or land under `client/`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,27 @@ import torch
 from torch import Tensor
 
 from fl_lightning.aggregation import Aggregate
-from fl_lightning.client import RoundUpdates
+from fl_lightning.types import RoundUpdates
+
+METRICS: dict[str, str] = {
+    "round": "", "main_acc": "val", "backdoor_acc": "val", "main_loss": "val",
+    "train_loss": "train", "train_loss_benign": "train", "train_loss_adv": "train",
+    "update_norm_mean": "update", "update_norm_benign": "update", "update_norm_adv": "update",
+    "aggregate_norm": "agg", "adversary_weight": "agg", "num_adversaries": "agg", "rejected_updates": "agg",
+    "lr": "train", "train_examples": "train", "seconds": "time", "eval_seconds": "time",
+}
+"""Metric name -> W&B group, in `metrics.csv` column order (`round` is the W&B step, not a metric)."""
+METRIC_COLUMNS = tuple(METRICS)
+
+
+def wandb_key(metric: str) -> str:
+    """W&B panel name of a metric: `val/main_acc`, `train/loss_benign`, `update/norm_adv`, ..."""
+    for group in ("train", "update"):  # `train_loss_adv` -> `train/loss_adv`
+        if metric.startswith(group + "_"):
+            return f"{group}/{metric[len(group) + 1:]}"
+    if METRICS.get(metric):
+        return f"{METRICS[metric]}/{metric}"
+    return f"client/{metric}"
 
 
 def reject_non_finite(updates: RoundUpdates) -> tuple[RoundUpdates, list[int]]:

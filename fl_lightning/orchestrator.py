@@ -1,22 +1,26 @@
-"""The Fabric orchestrator: `fit` (train a federated model) and `validate` (evaluate a checkpoint).
+"""The Fabric orchestrator: `fit` (train a federated model) and `validate` (evaluate a saved one).
+
+`fit` reads top-down: `check_fit` resolves the task's presets and checks every setting (no
+process, no file yet), `make_fabric` launches one process per device, `build` prepares the data,
+the model, the outputs and the start state, and `run_rounds` runs the rounds, the round on one
+screen, returning the per-round metrics.
 
 One process per device (Fabric DDP; gloo on CPU, NCCL on GPUs; also under `fabric run` and
 `torchrun`). Each process holds the task's one model and the full data, trains its share of the
 round's clients, and takes part in the gather; every process then holds the same updates,
-aggregates them the same way, and applies rank 0's result. `run_rounds` is the round on one
-screen; everything else here is setup and measurement.
+aggregates them the same way, and applies rank 0's result.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, is_dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -25,19 +29,8 @@ from torch import Tensor
 
 from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg
 from fl_lightning.batched import BatchedTrainer, check_vmap_support
-from fl_lightning.checkpoint import CHECKPOINT_NAME, MODEL_NAME, find_checkpoint, load_checkpoint, save_checkpoint
-from fl_lightning.client import (
-    ClientUpdate,
-    LocalTraining,
-    RoundPlan,
-    RoundUpdates,
-    client_lr,
-    evaluation_sums,
-    flat_params,
-    load_flat_params_,
-    lr_scale,
-    train_client,
-)
+from fl_lightning.checkpoint import CHECKPOINT_NAME, MODEL_NAME, RunState, find_checkpoint, load_checkpoint
+from fl_lightning.client import client_lr, lr_scale, train_client
 from fl_lightning.config import (
     ClientArgs,
     ConfigError,
@@ -45,21 +38,24 @@ from fl_lightning.config import (
     FLArgs,
     LogArgs,
     component_config,
-    flatten_config,
     group_dict,
     resolve_args,
     validate_args,
 )
 from fl_lightning.data import DataError, resolve_data_dir
-from fl_lightning.distributed import UpdateGatherer, all_reduce_sum, broadcast_json, broadcast_tensor_
+from fl_lightning.distributed import UpdateGatherer, broadcast_json, broadcast_tensor_
+from fl_lightning.evaluation import Evaluator
 from fl_lightning.hooks import FLCallback
-from fl_lightning.loggers import MetricsCSV, RoundProgress, make_wandb_logger
+from fl_lightning.loggers import RunLogger
 from fl_lightning.metrics import reject_non_finite, round_metrics
-from fl_lightning.runtime import tune_malloc
+from fl_lightning.params import flat_params
+from fl_lightning.runtime import make_fabric, set_threads, teardown, tune_malloc
 from fl_lightning.sampling import client_seed, sample_clients, server_seed, slots_for_rank
 from fl_lightning.task import FederatedData, Task, TaskName, TaskSettings
+from fl_lightning.types import ClientUpdate, LocalTraining, RoundPlan, RoundUpdates
 
 Precision = Literal["32-true", "bf16-mixed"]
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 
 def fit(
@@ -84,7 +80,7 @@ def fit(
     precision: Precision = "32-true",
     num_threads: int | None = None,
     malloc_tuning: bool = True,
-) -> None:
+) -> list[dict[str, float]]:
     """Trains a federated model on a task, with optional attacks (callbacks) and defenses (aggregator).
 
     Args:
@@ -111,74 +107,189 @@ def fit(
             Bitwise equality across process counts on CPU needs the same value in both runs.
         malloc_tuning: Keep freed activation buffers in the heap (glibc `mallopt`; about 20 % faster
             rounds on CPUs). Skipped when any `MALLOC_*` variable is set.
+
+    Returns:
+        The run's history: one metrics dict per round run here (`round` included; round 0, the
+        start model, when a new run evaluates it), the rows of `metrics.csv`.
     """
+    plan = check_fit(**locals())  # every setting, before any process starts or any file is written
     if malloc_tuning:
         tune_malloc()
-    task_cls = Task.by_name(task)
-    fl = resolve_args(task_cls.fl_preset, fl)
-    client = resolve_args(task_cls.client_preset, client)
-    data = resolve_args(task_cls.data_preset, data)
-    validate_args(fl, client, task)
-    if client.batching == "vmap":
-        check_vmap_support(task_cls)
-    try:
-        root = resolve_data_dir(data_dir)
-    except DataError as err:
-        raise ConfigError(str(err)) from err
-    for option, path in (("--resume", resume), ("--init_from", init_from)):
-        if path is not None and not Path(path).exists():
-            raise ConfigError(f"{option} {path!r} does not exist")
-    if resume is not None and not (Path(resume) / CHECKPOINT_NAME).is_file():
-        raise ConfigError(f"--resume {resume!r} holds no {CHECKPOINT_NAME} (was a checkpoint written yet?)")
-    if resume is None and name is not None and (Path(out_dir) / name / CHECKPOINT_NAME).exists():
-        raise ConfigError(f"run directory {Path(out_dir) / name} already holds a run; continue it with "
-                          f"--resume {Path(out_dir) / name} or choose another --name")
-    aggregator = aggregator if aggregator is not None else FedAvg()
-    callbacks = list(callbacks or [])
-    config = {
-        "task": task, "model": model, "data": group_dict(data), "fl": group_dict(fl), "client": group_dict(client),
-        "aggregator": component_config(aggregator), "callbacks": [component_config(c) for c in callbacks],
-        "log": group_dict(log), "seed": seed, "data_dir": data_dir, "out_dir": out_dir, "init_from": init_from,
-        "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "precision": precision,
-        "num_threads": num_threads, "malloc_tuning": malloc_tuning,
-    }
-    settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=seed, model=model, **group_dict(data))
-
-    fabric = make_fabric(accelerator, devices, num_nodes, precision, callbacks)
+    fabric = make_fabric(accelerator, devices, num_nodes, precision, plan.callbacks)
     set_threads(num_threads, devices)
-    torch.manual_seed(seed)  # the initial model: the same for a seed on every rank and every run
-    run = Run.setup(fabric, task_cls(settings), fl, client, aggregator, seed)
-    run_dir = Path(resume) if resume else Path(out_dir) / broadcast_json(fabric, name or default_name(task, out_dir))
-    state = run.initial_state(run_dir, resume, init_from)
-    run.open_outputs(run_dir, config, log, resumed_round=state.round_idx if resume else None,
-                     wandb_id=state.wandb_id)
     try:
-        fabric.call("on_fit_start", task=run.task, data=run.data, fabric=fabric, seed=seed)
-        for callback, callback_state in zip(callbacks, state.callback_states):
-            callback.load_state_dict(callback_state)
-        if state.round_idx == 0 and fl.eval_every > 0:
-            run.log_round(0, run.evaluate(state.global_params) | {"seconds": 0.0})
-        run_rounds(run, state)
-        fabric.call("on_fit_end")
-        run.save_model(state)
+        run, state = build(fabric, plan)
+        try:
+            fabric.call("on_fit_start", task=run.task, data=run.data, fabric=fabric, seed=seed)
+            for callback, callback_state in zip(plan.callbacks, state.callback_states):
+                callback.load_state_dict(callback_state)
+            history = []
+            if state.round_idx == 0 and plan.fl.eval_every > 0:
+                history.append(run.log_round(0, run.evaluate(state.global_params) | {"seconds": 0.0}))
+            history += run_rounds(run, state)
+            fabric.call("on_fit_end")
+            run.save(state, MODEL_NAME)
+        finally:
+            run.logger.close()
     finally:
-        run.close_outputs()
         teardown(fabric)
+    return history
 
 
 @dataclass
-class RunState:
-    """What a checkpoint holds: the round last completed and the flat global model."""
+class FitPlan:
+    """`fit`'s settings with the task's presets filled in and every one checked (`check_fit`).
 
-    round_idx: int
-    global_params: Tensor
-    wandb_id: str | None = None
-    callback_states: tuple[dict, ...] = ()
+    Attributes:
+        task_cls: The task class.
+        settings: What the task is built from.
+        fl: Federated settings, resolved.
+        client: Local training settings, resolved.
+        aggregator: The aggregation rule (FedAvg when none was given).
+        callbacks: The FL callbacks.
+        log: Logging settings.
+        seed: The run seed.
+        run_dir: The run directory, or None for a new run without `--name` (rank 0 names it at launch).
+        resume: Whether the run continues from `run_dir`'s checkpoint.
+        init_from: A checkpoint or run directory to start from.
+        config: The resolved configuration, as `config.yaml` holds it.
+    """
+
+    task_cls: type[Task]
+    settings: TaskSettings
+    fl: FLArgs
+    client: ClientArgs
+    aggregator: Aggregator
+    callbacks: list[FLCallback]
+    log: LogArgs
+    seed: int
+    run_dir: Path | None
+    resume: bool
+    init_from: str | None
+    config: dict[str, Any]
 
 
-def run_rounds(run: Run, state: RunState) -> None:
-    """The federated rounds: select, train locally, gather, aggregate, apply, measure, persist."""
-    fabric, fl = run.fabric, run.fl
+def check_fit(**kwargs: Any) -> FitPlan:
+    """Resolves the task's presets and checks every setting of `fit` (same keywords) without side effects.
+
+    `fit` calls it first; `sweep` calls it for every planned run before starting the first.
+
+    Raises:
+        ConfigError: One line naming the first bad option and what is allowed.
+    """
+    bound = inspect.signature(fit).bind(**kwargs)
+    bound.apply_defaults()
+    args = bound.arguments
+    task_cls = Task.by_name(args["task"])
+    fl = resolve_args(task_cls.fl_preset, args["fl"])
+    client = resolve_args(task_cls.client_preset, args["client"])
+    data = resolve_args(task_cls.data_preset, args["data"])
+    validate_args(fl, client, args["task"])
+    check_launch(args["accelerator"], args["devices"], args["num_nodes"], args["num_threads"])
+    if client.batching == "vmap":
+        check_vmap_support(task_cls)
+    try:
+        root = resolve_data_dir(args["data_dir"])
+    except DataError as err:
+        raise ConfigError(str(err)) from err
+    settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=args["seed"], model=args["model"],
+                            **group_dict(data))
+    aggregator = args["aggregator"] if args["aggregator"] is not None else FedAvg()
+    callbacks = list(args["callbacks"] or [])
+    aggregator.check_run(fl)
+    for callback in callbacks:
+        callback.check_run(fl)
+    resume, init_from, out_dir, name = args["resume"], args["init_from"], args["out_dir"], args["name"]
+    for option, path in (("--resume", resume), ("--init_from", init_from)):
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{option}={path}: does not exist (give a run directory or a checkpoint file)")
+    if resume is not None and not (Path(resume) / CHECKPOINT_NAME).is_file():
+        raise ConfigError(f"--resume={resume}: holds no {CHECKPOINT_NAME} (was a checkpoint written yet?)")
+    if resume is None and name is not None and (Path(out_dir) / name / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"run directory {Path(out_dir) / name} already holds a run; continue it with "
+                          f"--resume {Path(out_dir) / name} or choose another --name")
+    resolved = {**args, "fl": fl, "client": client, "data": data, "aggregator": aggregator}
+    config = {key: as_config_value(value) for key, value in resolved.items() if key not in ("name", "resume")}
+    run_dir = Path(resume) if resume else (Path(out_dir) / name if name else None)
+    return FitPlan(task_cls=task_cls, settings=settings, fl=fl, client=client, aggregator=aggregator,
+                   callbacks=callbacks, log=args["log"], seed=args["seed"], run_dir=run_dir,
+                   resume=resume is not None, init_from=init_from, config=config)
+
+
+def as_config_value(value: Any) -> Any:
+    """A `fit` argument as `config.yaml` holds it: groups as dicts, components as `{class_path, init_args}`."""
+    if is_dataclass(value):
+        return group_dict(value)
+    if isinstance(value, list):
+        return [as_config_value(item) for item in value]
+    if isinstance(value, (Aggregator, FLCallback)):
+        return component_config(value)
+    return value
+
+
+def check_launch(accelerator: str, devices: int, num_nodes: int, num_threads: int | None) -> None:
+    """Checks the process settings before Fabric sees them (its own errors come as tracebacks)."""
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"--accelerator={accelerator}: must be one of {', '.join(ACCELERATORS)}")
+    for option, value in (("--devices", devices), ("--num_nodes", num_nodes), ("--num_threads", num_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{option}={value}: must be an integer >= 1")
+    if accelerator in ("gpu", "cuda") and os.environ.get("LT_CLI_USED") != "1":
+        available = torch.cuda.device_count()
+        if available < devices:
+            raise ConfigError(f"--accelerator={accelerator} --devices={devices}: {available} CUDA device(s) visible; "
+                              f"use --accelerator cpu or fewer --devices")
+
+
+def build(fabric: Fabric, plan: FitPlan) -> tuple[Run, RunState]:
+    """Everything a run needs on this process: data and model, outputs, and the start (or resumed) state."""
+    torch.manual_seed(plan.seed)  # the initial model: the same for a seed on every rank and every run
+    task = plan.task_cls(plan.settings)
+    with fabric.rank_zero_first():  # a download happens once
+        task.prepare_data()
+        data = task.build_data()
+    if data.num_clients != plan.fl.num_clients:
+        raise ConfigError(f"task {task.name!r} built {data.num_clients} clients, expected "
+                          f"--fl.num_clients={plan.fl.num_clients}")
+    task.to(fabric.device)
+    data = data.to(fabric.device)
+    run_dir = plan.run_dir or Path(plan.config["out_dir"]) / broadcast_json(
+        fabric, default_name(task.name, plan.config["out_dir"]))
+    state = start_state(fabric, task, run_dir, plan)
+    logger = RunLogger(run_dir, plan.config, plan.log, task.artifacts(), plan.fl.rounds, task.name,
+                       resumed_round=state.round_idx if plan.resume else None, wandb_id=state.wandb_id,
+                       enabled=fabric.is_global_zero)
+    if fabric.is_global_zero:
+        print(f"run directory: {run_dir}  ({fabric.world_size} process(es), {fabric.device})", file=sys.stderr)
+    run = Run(fabric, task, data, plan.fl, plan.client, plan.aggregator, plan.callbacks, plan.seed, run_dir, logger)
+    return run, state
+
+
+def start_state(fabric: Fabric, task: Task, run_dir: Path, plan: FitPlan) -> RunState:
+    """Round 0 from the seeded initialisation (or `init_from`), or the checkpoint of a resumed run."""
+    global_params = flat_params(task)
+    state = RunState(round_idx=0, global_params=global_params)
+    source = str(run_dir) if plan.resume else plan.init_from
+    if source is not None:
+        params, saved = load_checkpoint(find_checkpoint(run_dir / CHECKPOINT_NAME if plan.resume else source))
+        if params.numel() != global_params.numel():
+            raise ConfigError(f"{source} holds {params.numel()} parameters; task {task.name!r} with this "
+                              f"model has {global_params.numel()}")
+        state.global_params = params.to(fabric.device, torch.float32)
+        if plan.resume:
+            state.round_idx, state.wandb_id = saved["round_idx"], saved.get("wandb_id")
+            state.callback_states = tuple(saved.get("callbacks", ()))
+    broadcast_tensor_(fabric, state.global_params)
+    return state
+
+
+def run_rounds(run: Run, state: RunState) -> list[dict[str, float]]:
+    """The federated rounds: select, train locally, gather, aggregate, apply, measure, persist.
+
+    Returns:
+        One metrics dict per round (`round` included), as logged.
+    """
+    fabric, fl, history = run.fabric, run.fl, []
     for round_idx in range(state.round_idx + 1, fl.rounds + 1):
         started = time.perf_counter()
         # 1. Select: pure in (seed, round); attack callbacks mark adversarial slots.
@@ -190,8 +301,7 @@ def run_rounds(run: Run, state: RunState) -> None:
         my_slots = slots_for_rank(len(plan.client_ids), fabric.global_rank, fabric.world_size, sizes)
         local = run.train_local(plan, my_slots, state.global_params)
         # 3. Gather: every rank now holds the same updates, in slot order.
-        updates = run.gather_updates(local, len(plan.client_ids), state.global_params.numel(),
-                                     state.global_params.dtype)
+        updates = run.gather(local, len(plan.client_ids), state.global_params.numel(), state.global_params.dtype)
         # 4. Aggregate: non-finite updates are rejected, never averaged in.
         updates, rejected = reject_non_finite(updates)
         fabric.call("on_before_aggregate", updates=updates, round_idx=round_idx)
@@ -207,10 +317,11 @@ def run_rounds(run: Run, state: RunState) -> None:
             metrics |= run.evaluate(state.global_params)
         metrics["seconds"] = time.perf_counter() - started
         fabric.call("on_round_end", round_idx=round_idx, metrics=metrics)
-        run.log_round(round_idx, metrics, rejected)
+        history.append(run.log_round(round_idx, metrics, rejected))
         # 7. Persist.
         if is_due(round_idx, fl.checkpoint_every, fl.rounds):
-            run.save_checkpoint(state)
+            run.save(state, CHECKPOINT_NAME)
+    return history
 
 
 def is_due(round_idx: int, every: int, last_round: int) -> bool:
@@ -219,69 +330,34 @@ def is_due(round_idx: int, every: int, last_round: int) -> bool:
 
 
 class Run:
-    """One process's view of a run: Fabric, the task and its data on the device, and the outputs."""
+    """One process's part of a run: the round's compute (local training, gather, aggregation) and its outputs.
+
+    `build` makes it with the run directory and the logger; without them (tests) nothing is written.
+    """
 
     def __init__(self, fabric: Fabric, task: Task, data: FederatedData, fl: FLArgs, client: ClientArgs,
-                 aggregator: Aggregator, seed: int) -> None:
+                 aggregator: Aggregator, callbacks: list[FLCallback], seed: int, run_dir: Path | None = None,
+                 logger: RunLogger | None = None) -> None:
         self.fabric, self.task, self.data = fabric, task, data
-        self.fl, self.client, self.aggregator, self.seed = fl, client, aggregator, seed
+        self.fl, self.client, self.aggregator, self.callbacks, self.seed = fl, client, aggregator, callbacks, seed
+        self.run_dir, self.logger = run_dir, logger
         # Per-step hooks cost a signature inspection per call: only call them if someone listens.
         self.step_hooks = any(type(c).on_after_optimizer_step is not FLCallback.on_after_optimizer_step
-                              for c in fabric._callbacks)
-        rank, world = fabric.global_rank, fabric.world_size
-        # Evaluation is sharded by index over ranks; counts are summed, so no sample is seen twice.
-        self.eval_sets = {"main": (data.test_inputs[rank::world].contiguous(),
-                                   data.test_targets[rank::world].contiguous())}
-        if data.backdoor_inputs is not None:
-            self.eval_sets["backdoor"] = (data.backdoor_inputs[rank::world].contiguous(),
-                                          data.backdoor_targets[rank::world].contiguous())
+                              for c in callbacks)
+        self.evaluate = Evaluator(fabric, task, data, fl.eval_batch_size)
+        self.gather = UpdateGatherer(fabric)
         # The batched trainer checks the built model (BatchNorm, vmap-able ops) before the first round.
         self.batched: BatchedTrainer | None = None
         if client.batching == "vmap":
             self.batched = BatchedTrainer(fabric, task)
             self.batched.probe(data.train_inputs[:2], data.train_targets[:2])
-        self.gather_updates = UpdateGatherer(fabric)
-        self.metrics_csv: MetricsCSV | None = None
-        self.wandb = None
-        self.progress: RoundProgress | None = None
-        self.run_dir = Path(".")
-
-    @classmethod
-    def setup(cls, fabric: Fabric, task: Task, fl: FLArgs, client: ClientArgs, aggregator: Aggregator,
-              seed: int) -> Run:
-        """Prepares data (rank 0 first, so a download happens once), builds it and moves it to the device."""
-        with fabric.rank_zero_first():
-            task.prepare_data()
-            data = task.build_data()
-        if data.num_clients != fl.num_clients:
-            raise ConfigError(f"task {task.name!r} built {data.num_clients} clients, expected "
-                              f"--fl.num_clients={fl.num_clients}")
-        task.to(fabric.device)
-        return cls(fabric, task, data.to(fabric.device), fl, client, aggregator, seed)
-
-    def initial_state(self, run_dir: Path, resume: str | None, init_from: str | None) -> RunState:
-        """Round 0 from the seeded initialisation (or `init_from`), or the checkpoint of a resumed run."""
-        global_params = flat_params(self.task)
-        state = RunState(round_idx=0, global_params=global_params)
-        source = resume or init_from
-        if source is not None:
-            params, saved = load_checkpoint(find_checkpoint(run_dir / CHECKPOINT_NAME if resume else source))
-            if params.numel() != global_params.numel():
-                raise ConfigError(f"{source} holds {params.numel()} parameters; task {self.task.name!r} with this "
-                                  f"model has {global_params.numel()}")
-            state.global_params = params.to(self.fabric.device, torch.float32)
-            if resume:
-                state.round_idx, state.wandb_id = saved["round_idx"], saved.get("wandb_id")
-                state.callback_states = tuple(saved.get("callbacks", ()))
-        broadcast_tensor_(self.fabric, state.global_params)
-        return state
 
     def train_local(self, plan: RoundPlan, slots: list[int], global_params: Tensor) -> list[ClientUpdate]:
         """This rank's clients of the round, trained one after another or batched (`--client.batching vmap`)."""
-        contexts = (self.client_context(plan, slot, global_params) for slot in slots)
+        contexts = [self.client_context(plan, slot, global_params) for slot in slots]
         if self.batched is not None:
-            return self.batched.train(list(contexts), self.step_hooks)
-        return [train_client(self.fabric, self.task, ctx, self.step_hooks) for ctx in contexts]
+            return self.batched.train(contexts)
+        return [train_client(self.fabric, self.task, ctx) for ctx in contexts]
 
     def client_context(self, plan: RoundPlan, slot: int, global_params: Tensor) -> LocalTraining:
         """The local-training context of one slot, with randomness from (seed, round, client, slot)."""
@@ -294,7 +370,7 @@ class Run:
             lr=client_lr(client, plan.round_idx), lr_scale=lr_scale(client, plan.round_idx),
             epochs=client.local_epochs, batch_size=client.batch_size,
             momentum=client.momentum, weight_decay=client.weight_decay, grad_clip_norm=client.grad_clip_norm,
-            seed=seed, generator=torch.Generator().manual_seed(seed))
+            seed=seed, generator=torch.Generator().manual_seed(seed), step_hooks=self.step_hooks)
 
     def aggregate(self, updates: RoundUpdates, round_idx: int) -> Aggregate:
         """The aggregator's result; a zero step when every update was rejected."""
@@ -304,94 +380,21 @@ class Run:
         generator = torch.Generator().manual_seed(server_seed(self.seed, round_idx))
         return self.aggregator(updates.deltas, updates.num_examples, generator)
 
-    @torch.no_grad()
-    def evaluate(self, global_params: Tensor) -> dict[str, float]:
-        """Main-task and backdoor accuracy (and loss) of the global model, sharded over ranks."""
-        started = time.perf_counter()
-        load_flat_params_(self.task, global_params)
-        metrics = {}
-        for split, (inputs, targets) in self.eval_sets.items():
-            sums = evaluation_sums(self.fabric, self.task, inputs, targets, self.fl.eval_batch_size)
-            totals = all_reduce_sum(self.fabric, sums)
-            metrics[f"{split}_acc"] = totals["correct"] / max(totals["total"], 1.0)
-            metrics[f"{split}_loss"] = totals["loss_sum"] / max(totals["total"], 1.0)
-        metrics.pop("backdoor_loss", None)  # the loss towards the attacker's labels says nothing new
-        metrics["eval_seconds"] = time.perf_counter() - started  # part of the round's `seconds`
-        return metrics
+    def log_round(self, round_idx: int, metrics: dict[str, float], rejected: list[int] = ()) -> dict[str, float]:
+        """Logs a round (rank 0) and returns its history row."""
+        if self.logger is not None:
+            self.logger.log_round(round_idx, metrics, rejected)
+        return {"round": round_idx, **metrics}
 
-    # ----- outputs (rank 0 writes; every rank calls, so collectives stay symmetric) -----
-
-    def open_outputs(self, run_dir: Path, config: dict, log: LogArgs, resumed_round: int | None,
-                     wandb_id: str | None) -> None:
-        self.run_dir = run_dir
-        if not self.fabric.is_global_zero:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "config.yaml", "w") as handle:
-            yaml.safe_dump(config, handle, sort_keys=False)
-        for file_name, source in self.task.artifacts().items():
-            shutil.copy2(source, run_dir / file_name)
-        if log.logger != "none":
-            self.metrics_csv = MetricsCSV(run_dir / "metrics.csv", resume_round=resumed_round)
-        self.wandb = make_wandb_logger(log, run_dir, run_dir.name, wandb_id)
-        if self.wandb is not None and resumed_round is None:
-            self.wandb.log_hyperparams(flatten_config(config))
-        self.progress = RoundProgress(self.fl.rounds, resumed_round or 0, log.progress_bar, self.task.name)
-        print(f"run directory: {run_dir}  ({self.fabric.world_size} process(es), {self.fabric.device})",
-              file=sys.stderr)
-
-    def log_round(self, round_idx: int, metrics: dict[str, float], rejected: list[int] = ()) -> None:
-        if not self.fabric.is_global_zero:
-            return
-        if rejected:
-            print(f"round {round_idx}: rejected non-finite updates of clients {rejected}", file=sys.stderr)
-        if self.metrics_csv is not None:
-            self.metrics_csv.append({"round": round_idx, **metrics})
-        if self.wandb is not None:
-            self.wandb.log_metrics({wandb_key(k): v for k, v in metrics.items()}, step=round_idx)
-        if self.progress is not None and round_idx > 0:
-            self.progress.update(round_idx, metrics)
-
-    def checkpoint_state(self, state: RunState) -> dict:
-        wandb_id = self.wandb.version if self.wandb is not None else state.wandb_id
-        return {"round_idx": state.round_idx, "task": self.task.name, "wandb_id": wandb_id,
-                "callbacks": [c.state_dict() if hasattr(c, "state_dict") else {} for c in self.fabric._callbacks]}
-
-    def save_checkpoint(self, state: RunState) -> None:
-        if self.fabric.is_global_zero:
-            save_checkpoint(self.run_dir / CHECKPOINT_NAME, state.global_params, self.checkpoint_state(state))
+    def save(self, state: RunState, file_name: str) -> None:
+        """A checkpoint (`CHECKPOINT_NAME`, resumable) or the final model (`MODEL_NAME`), written by rank 0."""
+        if self.fabric.is_global_zero and self.run_dir is not None:
+            state.wandb_id = self.logger.wandb_id if self.logger is not None else state.wandb_id
+            state.callback_states = tuple(c.state_dict() for c in self.callbacks)
+            state.save(self.run_dir / file_name, self.task.name)
+            if file_name == MODEL_NAME:
+                print(f"final model: {self.run_dir / MODEL_NAME}", file=sys.stderr)
         self.fabric.barrier()
-
-    def save_model(self, state: RunState) -> None:
-        """The final global model, loadable by `validate` and `--init_from`."""
-        if self.fabric.is_global_zero:
-            save_checkpoint(self.run_dir / MODEL_NAME, state.global_params, self.checkpoint_state(state))
-            print(f"final model: {self.run_dir / MODEL_NAME}", file=sys.stderr)
-        self.fabric.barrier()
-
-    def close_outputs(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        if self.wandb is not None:
-            self.wandb.finalize("success")
-            import wandb
-
-            wandb.finish()
-
-
-WANDB_GROUPS = {"main_acc": "val", "backdoor_acc": "val", "main_loss": "val", "adversary_weight": "agg",
-                "num_adversaries": "agg", "rejected_updates": "agg", "aggregate_norm": "agg", "seconds": "time",
-                "eval_seconds": "time", "lr": "train"}
-
-
-def wandb_key(metric: str) -> str:
-    """W&B panel name of a metric: `val/main_acc`, `train/loss_benign`, `update/norm_adv`, ..."""
-    if metric in WANDB_GROUPS:
-        return f"{WANDB_GROUPS[metric]}/{metric}"
-    for group in ("train", "update"):
-        if metric.startswith(group + "_"):
-            return f"{group}/{metric[len(group) + 1:]}"
-    return f"client/{metric}"
 
 
 def validate(
@@ -401,7 +404,7 @@ def validate(
     accelerator: str = "auto",
     devices: int = 1,
     eval_batch_size: int | None = None,
-) -> None:
+) -> dict[str, float]:
     """Evaluates a saved global model: main-task and backdoor accuracy.
 
     Args:
@@ -411,11 +414,21 @@ def validate(
         accelerator: `cpu`, `gpu`, `cuda` or `auto`.
         devices: Processes to shard the evaluation over.
         eval_batch_size: Evaluation batch size; None: the run's.
+
+    Returns:
+        The metrics (`main_acc`, `main_loss`, `backdoor_acc`, `eval_seconds`).
     """
-    path = find_checkpoint(checkpoint)
+    try:
+        path = find_checkpoint(checkpoint)
+    except FileNotFoundError as err:
+        raise ConfigError(f"--checkpoint={checkpoint}: {err}") from None
     config_path = path.parent / "config.yaml"
     if not config_path.is_file():
-        raise ConfigError(f"no config.yaml beside {path}; validate needs the run's configuration")
+        raise ConfigError(f"--checkpoint={checkpoint}: no config.yaml beside {path}; validate needs the run's "
+                          f"configuration")
+    check_launch(accelerator, devices, 1, None)
+    if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or eval_batch_size < 1):
+        raise ConfigError(f"--eval_batch_size={eval_batch_size}: must be an integer >= 1")
     with open(config_path) as handle:
         config = yaml.safe_load(handle)
     task_cls = Task.by_name(config["task"])
@@ -429,12 +442,18 @@ def validate(
                             **group_dict(data))
     fabric = make_fabric(accelerator, devices, 1, "32-true")
     try:
-        run = Run.setup(fabric, task_cls(settings), fl, ClientArgs(**config["client"]), FedAvg(), config["seed"])
+        torch.manual_seed(config["seed"])
+        task = task_cls(settings)
+        with fabric.rank_zero_first():
+            task.prepare_data()
+            built = task.build_data()
+        task.to(fabric.device)
         params, saved = load_checkpoint(path)
-        metrics = run.evaluate(params.to(fabric.device))
+        metrics = Evaluator(fabric, task, built.to(fabric.device), fl.eval_batch_size)(params.to(fabric.device))
         fabric.print(f"{path} (round {saved['round_idx']}): " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     finally:
         teardown(fabric)
+    return metrics
 
 
 def default_name(task: str, out_dir: str) -> str:
@@ -445,36 +464,3 @@ def default_name(task: str, out_dir: str) -> str:
         counter += 1
         name = f"{base}-{counter}"
     return name
-
-
-def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: str,
-                callbacks: list[FLCallback] | None = None) -> Fabric:
-    """A launched Fabric with one process per device; under `fabric run`, its command line decides.
-
-    `fabric run` passes accelerator, devices, nodes and precision through `LT_*` variables and has
-    started the processes already: Fabric refuses constructor values that disagree with the
-    variables, and a second launch.
-    """
-    if os.environ.get("LT_CLI_USED") == "1":
-        return Fabric(callbacks=callbacks)
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                    strategy="ddp" if devices * num_nodes > 1 else "auto", precision=precision, callbacks=callbacks)
-    fabric.launch()
-    return fabric
-
-
-def set_threads(num_threads: int | None, devices: int) -> None:
-    """CPU threads per process: the cores of this node shared evenly among its processes."""
-    if num_threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        # torchrun and `fabric run` say how many processes share this node; Fabric's own launcher uses `devices`.
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", devices))
-        num_threads = max(1, cores // max(1, local_processes))
-    torch.set_num_threads(num_threads)
-
-
-def teardown(fabric: Fabric) -> None:
-    """Barrier, then destroy the process group: without it, DDP runs sometimes abort at exit."""
-    if fabric.world_size > 1 and torch.distributed.is_initialized():
-        fabric.barrier()
-        torch.distributed.destroy_process_group()

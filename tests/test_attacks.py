@@ -11,10 +11,12 @@ from fl_lightning.aggregation import FedAvg
 from fl_lightning.callbacks import EdgeCaseAttack
 from fl_lightning.callbacks.edge_case import expected_attack_rounds
 from fl_lightning.callbacks.pgd import project_l2_ball, replacement_scale, should_project
-from fl_lightning.client import RoundPlan, flat_params, train_client
+from fl_lightning.client import train_client
 from fl_lightning.config import ClientArgs, ConfigError, FLArgs, resolve_args
 from fl_lightning.orchestrator import Run
+from fl_lightning.params import flat_params
 from fl_lightning.tasks import TaskSettings, Toy
+from fl_lightning.types import RoundPlan
 
 
 def make_run(attack: EdgeCaseAttack, seed: int = 0, **client_overrides) -> Run:
@@ -22,8 +24,8 @@ def make_run(attack: EdgeCaseAttack, seed: int = 0, **client_overrides) -> Run:
     torch.manual_seed(seed)
     fl = resolve_args(Toy.fl_preset, FLArgs())
     client = resolve_args(Toy.client_preset, ClientArgs(**client_overrides))
-    run = Run.setup(fabric, Toy(TaskSettings(data_dir=".", num_clients=fl.num_clients, seed=seed)), fl, client,
-                    FedAvg(), seed)
+    task = Toy(TaskSettings(data_dir=".", num_clients=fl.num_clients, seed=seed))
+    run = Run(fabric, task, task.build_data(), fl, client, FedAvg(), [attack], seed)
     attack.on_fit_start(task=run.task, data=run.data, fabric=fabric, seed=seed)
     return run
 
@@ -31,7 +33,7 @@ def make_run(attack: EdgeCaseAttack, seed: int = 0, **client_overrides) -> Run:
 def train_round(run: Run, attack: EdgeCaseAttack, round_idx: int, global_params: torch.Tensor):
     plan = RoundPlan(round_idx, list(range(5)), [False] * 5)
     attack.on_round_start(round_idx=round_idx, plan=plan)
-    updates = [train_client(run.fabric, run.task, run.client_context(plan, slot, global_params), run.step_hooks)
+    updates = [train_client(run.fabric, run.task, run.client_context(plan, slot, global_params))
                for slot in range(5)]
     return plan, updates
 

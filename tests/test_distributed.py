@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fl_lightning.client import ClientUpdate
+from fl_lightning.types import ClientUpdate
 from fl_lightning.distributed import UpdateGatherer
 
 NUM_SLOTS, NUM_PARAMS = 5, 37  # 5 slots over 2 ranks: 3 and 2 rows, so one rank pads

@@ -8,7 +8,7 @@ from cli_helpers import read_metrics, run_cli
 
 from fl_lightning.checkpoint import load_checkpoint, save_checkpoint
 from fl_lightning.loggers import MetricsCSV, has_wandb_credentials
-from fl_lightning.orchestrator import wandb_key
+from fl_lightning.metrics import wandb_key
 
 
 def test_wandb_offline_without_credentials_never_prompts(tmp_path):
