@@ -35,7 +35,7 @@ import torch
 
 from fl_lightning.callbacks.pgd import project_l2_ball, prox_gradient, replacement_scale, should_project
 from fl_lightning.client import num_batches, train_epochs
-from fl_lightning.config import ConfigError
+from fl_lightning.config import ConfigError, FLArgs
 from fl_lightning.evaluation import Evaluator
 from fl_lightning.hooks import FLCallback
 from fl_lightning.params import flat_params, load_flat_params_
@@ -92,6 +92,14 @@ class EdgeCaseAttack(FLCallback):
 
     # ----- setup and schedule -----
 
+    def check_run(self, fl: FLArgs) -> None:
+        if self.schedule == "fixed_frequency" and self.num_adversaries > fl.clients_per_round:
+            raise ConfigError(f"--callbacks.num_adversaries={self.num_adversaries}: more attackers per round than "
+                              f"--fl.clients_per_round={fl.clients_per_round}; allowed: 1..{fl.clients_per_round}")
+        if self.schedule == "fixed_pool" and self.pool_size > fl.num_clients:
+            raise ConfigError(f"--callbacks.pool_size={self.pool_size}: larger than --fl.num_clients={fl.num_clients};"
+                              f" allowed: 1..{fl.num_clients}")
+
     def on_fit_start(self, task, data, fabric, seed: int) -> None:
         if data.edge_train_inputs is None:
             raise ConfigError(f"task {task.name!r} has no edge-case attacker set; EdgeCaseAttack cannot run on it")
@@ -102,8 +110,7 @@ class EdgeCaseAttack(FLCallback):
         self.evaluate_attacker = Evaluator(fabric, task, data, batch_size=256, sharded=False)
         self.client_sizes = data.partition.sizes().tolist()
         if self.schedule == "fixed_pool":
-            if self.pool_size > data.num_clients:
-                raise ConfigError(f"EdgeCaseAttack: pool_size={self.pool_size} exceeds the {data.num_clients} clients")
+            # check_run has made sure that pool_size <= num_clients
             rng = np.random.default_rng(derive_seed(_POOL, seed))
             self.pool = {int(c) for c in rng.choice(data.num_clients, self.pool_size, replace=False)}
 
