@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fl_lightning.__main__ import main
-from fl_lightning.report import (
+from fl_lightning.experiments.report import (
     find_runs,
     label,
     markdown_table,
@@ -22,7 +22,7 @@ from fl_lightning.report import (
     varying_keys,
     write_report,
 )
-from fl_lightning.sweep import load_sweep, write_index
+from fl_lightning.experiments.sweep import load_sweep, write_index
 
 # Rounds 0..11; round 12 was not evaluated (empty accuracies) and must be ignored.
 BACKDOOR = [0.0, 0.9, 0.7, 0.3, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.2]

@@ -12,9 +12,12 @@ import pytest
 import yaml
 from cli_helpers import run_main
 
-from fl_lightning.__main__ import with_shorthands
+import fl_lightning.experiments.claims as claims_module
+import fl_lightning.experiments.report as report_module
+import fl_lightning.experiments.sweep as sweep_module
+from fl_lightning import orchestrator
 from fl_lightning.config import ConfigError
-from fl_lightning.sweep import (
+from fl_lightning.experiments.sweep import (
     PlannedRun,
     build_argv,
     expand,
@@ -221,14 +224,25 @@ def test_resume_argv_reloads_the_saved_config(tmp_path):
 
 # ----- the CLI and a real (toy) sweep -----
 
-def test_cli_shorthands():
-    assert with_shorthands(["sweep", "a.yaml", "--set", "x=1", "--set=y=2", "--max_runs", "3", "--dry_run"]) == [
-        "sweep", "--file", "a.yaml", "--set+", "x=1", "--set+=y=2", "--max_runs", "3", "--dry_run=true"]
-    assert with_shorthands(["report", "d1", "d2", "--out", "o"]) == [
-        "report", "--paths+", "d1", "--paths+", "d2", "--out", "o"]
-    assert with_shorthands(["claims", "--quick", "--jobs", "1"]) == ["claims", "--quick=true", "--jobs", "1"]
-    assert with_shorthands(["claims", "--quick", "false"]) == ["claims", "--quick", "false"]
-    assert with_shorthands(["fit", "--task", "toy", "--set", "x"]) == ["fit", "--task", "toy", "--set", "x"]
+def test_cli_forms_reach_the_commands(capsys, monkeypatch, tmp_path):
+    """What the user types is what jsonargparse parses: positionals, repeated `--set`, bare and valued flags."""
+    calls = []
+    monkeypatch.setattr(sweep_module, "run_sweep", lambda *args: calls.append(args) or (tmp_path, []))
+    assert run_main(capsys, "sweep", "a.yaml", "--set", "x=1", "--set=y=2", "--max_runs", "3", "--dry_run")[0] == 0
+    assert run_main(capsys, "sweep", "--max_runs=3", "a.yaml", "--dry_run", "false")[0] == 0
+    assert calls == [("a.yaml", 3, ["x=1", "y=2"], "runs", 0, 1, True), ("a.yaml", 3, None, "runs", 0, 1, False)]
+    reports = []
+    monkeypatch.setattr(report_module, "write_report", lambda *args: reports.append(args) or ("", []))
+    assert run_main(capsys, "report", "d1", "d2", "--out", "o", "--group_by", "a", "--group_by", "b")[0] == 0
+    assert reports == [(["d1", "d2"], "o", ["a", "b"], None, 10)]
+    presets = []
+    monkeypatch.setattr(claims_module, "plan", lambda preset, root: presets.append(preset) or ([], []))
+    for name in ("run_phase", "write_reports"):
+        monkeypatch.setattr(claims_module, name, lambda *args: None)
+    monkeypatch.setattr(claims_module, "check", lambda *args: [])
+    for args in (["--quick", "--jobs", "1"], ["--quick", "false"]):
+        assert run_main(capsys, "claims", *args, "--out_dir", str(tmp_path))[0] == 0
+    assert presets == [claims_module.PRESETS["quick"], claims_module.PRESETS["full"]]
 
 
 def test_sweep_cli_dry_run(capsys, tmp_path):
@@ -236,6 +250,29 @@ def test_sweep_cli_dry_run(capsys, tmp_path):
                             "--set", "fl.rounds=1", "--set", "aggregator=Krum", "--out_dir", str(tmp_path))
     assert code == 0 and "2 run(s)" in err and err.count("--fl.rounds=1") == 2 and "--aggregator=Krum" in err
     assert not (tmp_path / "toy_smoke").exists()
+
+
+def test_a_bad_run_stops_the_sweep_before_anything_starts(capsys, tmp_path):
+    """Every run is parsed as `fit` parses it first: one line naming the run and option, exit 2, nothing written."""
+    code, _, err = run_main(capsys, "sweep", str(REPO / "sweeps" / "toy_smoke.yaml"), "--set", "fl.rounds=abc",
+                            "--out_dir", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: run blackbox_FedAvg-") and ": --fl.rounds=abc: expected int" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_sweep_check_runs_fits_own_checks(capsys, tmp_path, monkeypatch):
+    """Settings that only `fit`'s checks refuse (`orchestrator.check_fit`, stood in for here) stop it the same way."""
+    def check_fit(*, fl, **kwargs):
+        if fl.rounds == 0:
+            raise ConfigError("--fl.rounds=0: must be > 0")
+
+    monkeypatch.setattr(orchestrator, "check_fit", check_fit, raising=False)
+    args = ["sweep", str(REPO / "sweeps" / "toy_smoke.yaml"), "--out_dir", str(tmp_path), "--set"]
+    code, _, err = run_main(capsys, *args, "fl.rounds=0", "--dry_run")
+    assert code == 2 and err.count("\n") == 1 and err.endswith(": --fl.rounds=0: must be > 0\n"), err
+    assert run_main(capsys, *args, "fl.rounds=1", "--dry_run")[0] == 0
+    assert not list(tmp_path.iterdir())
 
 
 def test_interrupted_sweep_skips_finished_runs(tmp_path, monkeypatch):
@@ -267,7 +304,7 @@ def test_interrupted_sweep_skips_finished_runs(tmp_path, monkeypatch):
 
 def test_claims_preset_runs_parse_against_fit(capsys, tmp_path):
     """Every run of the full claims preset (sweep files + overrides) is a valid `fit` command."""
-    from fl_lightning.claims import PRESETS, plan
+    from fl_lightning.experiments.claims import PRESETS, plan
 
     clean, invocations = plan(PRESETS["full"], tmp_path)
     runs = [*clean, *(run for invocation in invocations for run in invocation.plan(tmp_path)[2])]

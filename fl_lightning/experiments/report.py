@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from fl_lightning.config import flatten_config
-from fl_lightning.sweep import INDEX_JSONL, read_index, short_class_name, slug
+from fl_lightning.experiments.sweep import INDEX_JSONL, read_index, short_class_name, slug
 
 SMOOTH_WINDOW = 10
 THRESHOLD = 0.5

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_lightning.report import RunResult, find_runs, summarize, write_report
-from fl_lightning.sweep import (
+from fl_lightning.experiments.report import RunResult, find_runs, summarize, write_report
+from fl_lightning.experiments.sweep import (
     PlannedRun,
+    check_runs,
     execute_all,
     expand,
     format_args,
@@ -49,7 +50,7 @@ from fl_lightning.sweep import (
 )
 
 # The checkout's sweep files (an editable install); a plain install has none, so `./sweeps` is the fallback.
-SWEEPS = next((p for p in (Path(__file__).resolve().parent.parent / "sweeps", Path("sweeps")) if p.is_dir()),
+SWEEPS = next((p for p in (Path(__file__).resolve().parents[2] / "sweeps", Path("sweeps")) if p.is_dir()),
               Path("sweeps"))
 FRACTION = 0.5  # "gets through": keeps at least half; "weak": keeps at most half
 EMNIST = ["task=emnist", "data.source=mnist", "log.logger=csv", "log.progress_bar=false", "fl.eval_every=2",
@@ -146,17 +147,20 @@ def plan(preset: Preset, out_dir: Path) -> tuple[list[PlannedRun], list[Invocati
 
 
 def run_phase(out_dir: Path, clean: list[PlannedRun], invocations: list[Invocation], jobs: int) -> None:
-    """Runs the clean models and the planned sweeps of one phase together, `jobs` at a time."""
-    runs: list[PlannedRun] = list(clean)
+    """Runs the clean models and the planned sweeps of one phase together, `jobs` at a time.
+
+    Every run's `fit` arguments are checked before the phase writes or starts anything.
+    """
+    planned = [invocation.plan(out_dir) for invocation in invocations]
+    runs: list[PlannedRun] = [*clean, *(run for _, _, sweep_runs in planned for run in sweep_runs)]
+    check_runs(runs)
     rows: list[dict[str, Any]] = [{"name": r.name, "params": r.params, "run_dir": str(r.run_dir)} for r in clean]
     indexes = []
-    for invocation in invocations:
-        sweep_file, sweep_dir, planned = invocation.plan(out_dir)
+    for sweep_file, sweep_dir, sweep_runs in planned:
         sweep_rows = [{"name": r.name, "status": "planned", "params": r.params, "argv": r.argv,
-                       "run_dir": str(r.run_dir)} for r in planned]
+                       "run_dir": str(r.run_dir)} for r in sweep_runs]
         write_index(sweep_dir, sweep_file, sweep_rows)
         indexes.append((sweep_dir, sweep_file, sweep_rows))
-        runs += planned
         rows += sweep_rows
 
     def write_indexes() -> None:
@@ -307,6 +311,10 @@ def claims(*, out_dir: str = "runs/claims", quick: bool = False, jobs: int = 2) 
     name = "quick" if quick else "full"
     preset, root = PRESETS[name], Path(out_dir)
     clean, invocations = plan(preset, root)
+    # A bad attack run stops the check before the clean models train: parsed and built now, its
+    # settings checked by run_phase once its `init_from` model exists.
+    check_runs(clean)
+    check_runs([run for invocation in invocations for run in invocation.plan(root)[2]], settings=False)
     run_phase(root, clean, [], jobs)
     run_phase(root, [], invocations, jobs)
     write_reports(root, invocations)

@@ -10,6 +10,8 @@ same file works with `wandb sweep` + `wandb agent` and with this runner, which
   `${interpreter}`, `${program}`, `${args}` -> `--key=value` with Python's `str` of the value,
   `${args_no_hyphens}`, `${args_json}`, `${envvar:NAME}`), except that `${interpreter}` is this
   Python, so the runs use this environment;
+* parses every run's arguments in this process as `fit` parses them (`check_runs`), so a bad value
+  stops the sweep with one line before anything is written or started;
 * names every run after its parameters (readable values plus a hash of the whole command), writes it
   to `<out_dir>/<sweep name>/<run name>/`, and on a second start skips the runs that finished (they
   have `model.safetensors`) and resumes those that stopped after a checkpoint;
@@ -42,7 +44,9 @@ import numpy as np
 import yaml
 
 from fl_lightning.checkpoint import CHECKPOINT_NAME, MODEL_NAME
+from fl_lightning.cli import check_fit_args
 from fl_lightning.config import ConfigError
+from fl_lightning.data import DataError
 
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 # `wandb agent`'s command when the file has none (wandb_agent.py, DEFAULT_SWEEP_COMMAND).
@@ -344,6 +348,38 @@ def resume_argv(run: PlannedRun) -> list[str]:
     return run.argv[:run.argv.index("fit") + 1] + [f"--resume={run.run_dir}"]
 
 
+def fit_args(argv: list[str]) -> list[str] | None:
+    """The arguments after `fit` when `argv` runs this package's `fit`; None for another program.
+
+    This package is `-m fl_lightning`, its `__main__.py` or the `fl-lightning` script.
+    """
+    if "fit" not in argv:
+        return None
+    at = argv.index("fit")
+    ours = any(Path(part).name in ("fl_lightning", "fl-lightning") or part.endswith("fl_lightning/__main__.py")
+               for part in argv[:at])
+    return argv[at + 1:] if ours else None
+
+
+def check_runs(runs: list[PlannedRun], settings: bool = True) -> None:
+    """Checks the `fit` arguments of every run still to do (parse, build, validate), before any starts.
+
+    `settings=False` only parses and builds (`check_fit_args`), for runs that start from a model not yet trained.
+
+    Raises:
+        ConfigError: At the first bad run, naming it, the option and what is allowed.
+    """
+    for run in runs:
+        status = run.status()
+        args = None if status == "done" else fit_args(resume_argv(run) if status == "partial" else run.argv)
+        if args is None:
+            continue
+        try:
+            check_fit_args(args, settings)
+        except (ConfigError, DataError) as err:
+            raise ConfigError(f"run {run.name}: {err}") from None
+
+
 def write_index(sweep_dir: Path, sweep_file: SweepFile, rows: list[dict[str, Any]]) -> None:
     """`index.jsonl` (full records) and `index.csv` (one column per parameter), each replaced atomically."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -419,12 +455,18 @@ def run_sweep(file: str | Path, max_runs: int | None = None, overrides: list[str
               quiet: bool = False) -> tuple[Path, list[dict[str, Any]]]:
     """Runs (or plans, with `dry_run`) every configuration of a sweep file; the library form of `sweep`.
 
+    Every run's `fit` arguments are checked (`check_runs`) before anything is written or started.
+
+    Raises:
+        ConfigError: A bad sweep file, or the first run whose arguments `fit` would refuse.
+
     Returns:
         The sweep directory and its index rows (status `done`, `failed` or, in a dry run, `planned`).
     """
     sweep_file = load_sweep(file, overrides)
     sweep_dir = Path(out_dir) / sweep_file.name
     runs = plan_runs(sweep_file, expand(sweep_file, max_runs, sample_seed), sweep_dir)
+    check_runs(runs)
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
     say(f"sweep {sweep_file.name}: {len(runs)} run(s) ({sweep_file.method}) in {sweep_dir}")
     rows = [{"name": r.name, "status": "done" if r.status() == "done" else "planned", "params": r.params,
@@ -438,21 +480,21 @@ def run_sweep(file: str | Path, max_runs: int | None = None, overrides: list[str
     return sweep_dir, rows
 
 
-def sweep(file: str, *, max_runs: int | None = None, set: list[str] | None = None, out_dir: str = "runs",
+def sweep(file: str, *, max_runs: int | None = None, overrides: list[str] | None = None, out_dir: str = "runs",
           sample_seed: int = 0, jobs: int = 1, dry_run: bool = False) -> None:
     """Runs a W&B sweep file locally, one `fit` subprocess per configuration; finished runs are skipped.
 
     Args:
         file: The sweep YAML (e.g. `sweeps/emnist_defenses.yaml`).
         max_runs: Run at most this many configurations (the first of the grid, or this many random draws).
-        set: `key=value` fixed in every run, replacing the file's values for that key
-            (e.g. `--set fl.rounds=3 --set data.source=mnist`).
+        overrides: `key=value` fixed in every run, replacing the file's values for that key; on the
+            command line `--set`, once per key (e.g. `--set fl.rounds=3 --set data.source=mnist`).
         out_dir: Runs go to `<out_dir>/<sweep name>/<run name>/`, with `index.jsonl` and `index.csv`.
         sample_seed: Seed of the random method's draws (the runs' own seed is the `seed` parameter).
         jobs: Runs at a time; each then gets `--num_threads` = cores / jobs unless the sweep sets it.
         dry_run: Print each run's command and status without running anything.
     """
-    _, rows = run_sweep(file, max_runs, set, out_dir, sample_seed, jobs, dry_run)
+    _, rows = run_sweep(file, max_runs, overrides, out_dir, sample_seed, jobs, dry_run)
     failed = [row["name"] for row in rows if row["status"] == "failed"]
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
