@@ -84,12 +84,8 @@ def check_fit_args(args: list[str], settings: bool = True) -> None:
     finally:
         parser.exit_on_error = True
     kwargs.pop("config", None)
-    # >>> WIRING POINT for `orchestrator.check_fit(**fit_kwargs)` (added in a parallel branch): all of
-    # fit's pre-launch validation of its resolved settings, with no side effects. Until it exists, a
-    # run is checked as far as parsing and building its classes go; once it lands, call it directly.
-    check_fit = getattr(orchestrator, "check_fit", None)
-    if settings and check_fit is not None:
-        check_fit(**kwargs)
+    if settings:
+        orchestrator.check_fit(**kwargs)  # every pre-launch check of `fit`, without side effects
 
 
 def one_line(message: str) -> str:
