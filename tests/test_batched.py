@@ -9,10 +9,10 @@ from cli_helpers import final_model, read_metrics, run_cli, run_main
 from torch import nn
 
 from fl_lightning.batched import batch_schedule, check_vmap_support, clip_grad_norms_, sgd_step_
-from fl_lightning.types import LocalTraining
 from fl_lightning.config import ConfigError
 from fl_lightning.task import iterate_batches
 from fl_lightning.tasks import TaskSettings, Toy
+from fl_lightning.types import LocalTraining
 
 CPU = ["--log.logger", "csv", "--log.progress_bar", "false", "--accelerator", "cpu", "--num_threads", "1"]
 TOY = ["fit", "--task", "toy", *CPU, "--fl.rounds", "3", "--fl.clients_per_round", "7"]

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fl_lightning.types import ClientUpdate
 from fl_lightning.distributed import UpdateGatherer
+from fl_lightning.types import ClientUpdate
 
 NUM_SLOTS, NUM_PARAMS = 5, 37  # 5 slots over 2 ranks: 3 and 2 rows, so one rank pads
 
