@@ -47,7 +47,6 @@ from fl_lightning.config import (
     component_config,
     flatten_config,
     group_dict,
-    resolve_args,
     validate_args,
 )
 from fl_lightning.data import DataError, resolve_data_dir
@@ -115,9 +114,7 @@ def fit(
     if malloc_tuning:
         tune_malloc()
     task_cls = Task.by_name(task)
-    fl = resolve_args(task_cls.fl_preset, fl)
-    client = resolve_args(task_cls.client_preset, client)
-    data = resolve_args(task_cls.data_preset, data)
+    fl, client, data = task_cls.resolve_presets(fl, client, data)
     validate_args(fl, client, task)
     if client.batching == "vmap":
         check_vmap_support(task_cls)
@@ -142,7 +139,8 @@ def fit(
         "accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "precision": precision,
         "num_threads": num_threads, "malloc_tuning": malloc_tuning,
     }
-    settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=seed, model=model, **group_dict(data))
+    settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=seed, model=model, data=data)
+    task_cls.check_settings(settings)
 
     fabric = make_fabric(accelerator, devices, num_nodes, precision, callbacks)
     set_threads(num_threads, devices)
@@ -426,7 +424,8 @@ def validate(
     except DataError as err:
         raise ConfigError(str(err)) from err
     settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=config["seed"], model=config["model"],
-                            **group_dict(data))
+                            data=data)
+    task_cls.check_settings(settings)
     fabric = make_fabric(accelerator, devices, 1, "32-true")
     try:
         run = Run.setup(fabric, task_cls(settings), fl, ClientArgs(**config["client"]), FedAvg(), config["seed"])

@@ -14,7 +14,7 @@ from fl_lightning.callbacks.pgd import project_l2_ball, replacement_scale, shoul
 from fl_lightning.client import RoundPlan, flat_params, train_client
 from fl_lightning.config import ClientArgs, ConfigError, FLArgs, resolve_args
 from fl_lightning.orchestrator import Run
-from fl_lightning.tasks import TaskSettings, Toy
+from fl_lightning.tasks import Toy
 
 
 def make_run(attack: EdgeCaseAttack, seed: int = 0, **client_overrides) -> Run:
@@ -22,7 +22,7 @@ def make_run(attack: EdgeCaseAttack, seed: int = 0, **client_overrides) -> Run:
     torch.manual_seed(seed)
     fl = resolve_args(Toy.fl_preset, FLArgs())
     client = resolve_args(Toy.client_preset, ClientArgs(**client_overrides))
-    run = Run.setup(fabric, Toy(TaskSettings(data_dir=".", num_clients=fl.num_clients, seed=seed)), fl, client,
+    run = Run.setup(fabric, Toy(Toy.make_settings(".", num_clients=fl.num_clients, seed=seed)), fl, client,
                     FedAvg(), seed)
     attack.on_fit_start(task=run.task, data=run.data, fabric=fabric, seed=seed)
     return run
