@@ -124,8 +124,9 @@ def preset(group: type[Group], **values: Any) -> Group:
 
 
 def preset_values(preset: Any) -> dict[str, Any]:
-    """The fields a preset sets (those not `None`), as a dict."""
-    return {f.name: getattr(preset, f.name) for f in fields(preset) if getattr(preset, f.name) is not None}
+    """The fields a preset sets, as a dict: those that default to `None` ("the task's preset") and hold a value."""
+    return {f.name: getattr(preset, f.name) for f in fields(preset)
+            if f.default is None and getattr(preset, f.name) is not None}
 
 
 def resolve_args(preset: Group, args: Group) -> Group:
