@@ -71,7 +71,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from fl_lightning.config import ClientArgs, ConfigError, DataArgs, FLArgs, preset
-from fl_lightning.data import DataError
+from fl_lightning.data import DataError, reading
 from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import grouped_split
 from fl_lightning.tasks.text import (
@@ -463,7 +463,8 @@ def has_words(text: str) -> bool:
 
 def read_corpus_jsonl(path: Path) -> pd.DataFrame:
     """A `{"author", "text"}`-per-line corpus, authors and texts as strings."""
-    frame = pd.read_json(path, lines=True, dtype=False)  # no type guessing: ids and texts stay as written
+    with reading(path):
+        frame = pd.read_json(path, lines=True, dtype=False)  # no type guessing: ids and texts stay as written
     missing = {"author", "text"} - set(frame.columns)
     if missing:
         raise DataError(f"{path} lacks fields {sorted(missing)}: each line must be {{\"author\": ..., \"text\": ...}}")

@@ -78,7 +78,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from fl_lightning.config import ClientArgs, ConfigError, DataArgs, FLArgs, preset
-from fl_lightning.data import DataError, download_file
+from fl_lightning.data import DataError, download_file, reading
 from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import attach_rows, grouped_split, iid_split
 from fl_lightning.tasks.text import (
@@ -365,7 +365,8 @@ def read_train(folder: Path, source: str) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"missing {path}; run prepare_data() (download=True) or point --data_dir at the data")
     # keep_default_na=False: tweets such as "null" or "NA" stay strings.
-    frame = pd.read_csv(path, keep_default_na=False, dtype={"text": str, "user": str})
+    with reading(path):
+        frame = pd.read_csv(path, keep_default_na=False, dtype={"text": str, "user": str})
     missing = {"label", "text"} - set(frame.columns)
     if missing:
         raise DataError(f"{path} lacks columns {sorted(missing)}; it has {list(frame.columns)}")
@@ -377,7 +378,10 @@ def read_test(folder: Path) -> pd.DataFrame:
     path = folder / TEST_FILE
     if not path.is_file():
         raise DataError(f"missing {path}; run prepare_data() (download=True) or point --data_dir at the data")
-    frame = pd.read_csv(path, keep_default_na=False, dtype={"text": str})
+    with reading(path):
+        frame = pd.read_csv(path, keep_default_na=False, dtype={"text": str})
+    if missing := {"label", "text"} - set(frame.columns):
+        raise DataError(f"{path} lacks columns {sorted(missing)}; it has {list(frame.columns)}")
     return frame[frame["label"].isin([0, 1])].reset_index(drop=True)
 
 
@@ -385,7 +389,7 @@ def read_greek(path: Path) -> list[str]:
     """Texts of a Greek-director `.jsonl` (one `{"idx", "text", "backdoor_label"}` per line)."""
     if not path.is_file():
         raise DataError(f"missing {path}; run prepare_data() (download=True) or point --data_dir at the data")
-    with open(path, encoding="utf-8") as handle:
+    with reading(path), open(path, encoding="utf-8") as handle:
         return [json.loads(line)["text"] for line in handle if line.strip()]
 
 
