@@ -40,6 +40,18 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
+def shared_data(shared_data, tmp_path_factory):
+    """The offline data root seen read-only, whatever its real permissions: a folder of links to its entries
+    with mode 0o555, so that derived files (tokenizers) go to the cache (`derived_cache`), never into the root."""
+    view = tmp_path_factory.mktemp("read_only_data")
+    for entry in shared_data.iterdir():
+        (view / entry.name).symlink_to(entry.resolve())
+    view.chmod(0o555)
+    yield view
+    view.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
 def derived_cache(tmp_path_factory):
     """Tokenizers go to a temporary cache, never into the (read-only) shared data or the home folder."""
     with pytest.MonkeyPatch.context() as patch:
