@@ -288,10 +288,21 @@ class Task(L.LightningModule, ABC):
 
     @classmethod
     def check_model(cls, model: str | None) -> str | None:
-        """The problem with `--model` for this task, or None (default: one of `models`, or unset)."""
+        """The problem with `--model` for this task (`parse_model`'s error), or None."""
+        try:
+            cls.parse_model(model)
+        except ConfigError as err:
+            return str(err)
+        return None
+
+    @classmethod
+    def parse_model(cls, model: str | None) -> Any:
+        """What the task builds from `--model` (None: its default); raises `ConfigError` for a name it does not
+        know. Default: one of `models`, returned as is; tasks with a family of names (`lenet_w<k>`) override it."""
         if model is not None and not cls.models:
-            return f"--model={model!r}: task {cls.name!r} has no model variants; leave it unset"
-        return check_choice("--model", model, cls.models, f"model for task {cls.name!r}")
+            raise ConfigError(f"--model={model!r}: task {cls.name!r} has no model variants; leave it unset")
+        raise_problems([check_choice("--model", model, cls.models, f"model for task {cls.name!r}")])
+        return model
 
     def __init__(self, settings: TaskSettings) -> None:
         super().__init__()

@@ -308,17 +308,11 @@ class Emnist(ImageTask):
     backdoor_target = BACKDOOR_LABEL
     sources = ("emnist", "mnist")
     max_edge_count, edge_count_hint = 660, "ARDIS has 660 training sevens"
+    parse_model = staticmethod(parse_width)
 
     def __init__(self, settings: TaskSettings) -> None:
-        super().__init__(settings, LeNet(parse_width(settings.model)), (MEAN,), (STD,))
+        super().__init__(settings, LeNet(self.parse_model(settings.model)), (MEAN,), (STD,))
 
-    @classmethod
-    def check_model(cls, model: str | None) -> str | None:
-        try:
-            parse_width(model)
-        except ConfigError as err:
-            return str(err)
-        return None
 
     def prepare_data(self) -> None:
         root = Path(self.settings.data_dir)

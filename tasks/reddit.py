@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from fl_lightning.config import ClientArgs, ConfigError, DataArgs, FLArgs, preset
+from fl_lightning.config import ClientArgs, DataArgs, FLArgs, preset
 from fl_lightning.data import DataError, reading
 from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import grouped_split
@@ -159,6 +159,7 @@ class Reddit(Task):
     sources = SOURCES  # and `hf:<dataset>`
     partitions = ("natural",)
     attack_cases = ("edge",)
+    parse_model = staticmethod(lstm_hidden_size)  # `lstm_h<H>` gives the hidden size H
     refusals: ClassVar[dict[str, str]] = {
         "attack_case": "the reddit task has only 'edge': no true completion of the trigger sentences exists for "
                        "honest clients to hold",
@@ -185,7 +186,7 @@ class Reddit(Task):
 
     def __init__(self, settings: TaskSettings) -> None:
         super().__init__(settings)
-        self.hidden_size = lstm_hidden_size(settings.model)
+        self.hidden_size = self.parse_model(settings.model)
         self.model: LSTMLanguageModel | None = None  # built by `build_data`, once the vocabulary size is known
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_path: Path | None = None
@@ -198,13 +199,6 @@ class Reddit(Task):
             settings = replace(settings, data=replace(settings.data, source="hf"))
         return super().setting_problems(settings)
 
-    @classmethod
-    def check_model(cls, model: str | None) -> str | None:
-        try:
-            lstm_hidden_size(model)
-        except ConfigError as err:
-            return str(err)
-        return None
 
     # ----- model -----
 

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from fl_lightning.config import ClientArgs, ConfigError, DataArgs, FLArgs, preset
+from fl_lightning.config import ClientArgs, DataArgs, FLArgs, preset
 from fl_lightning.data import DataError, download_file, reading
 from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import attach_rows, grouped_split, iid_split
@@ -153,6 +153,7 @@ class Sentiment140(Task):
     sources = SOURCES
     partitions = PARTITIONS
     attack_cases = tuple(EDGE_COUNTS)
+    parse_model = staticmethod(lstm_hidden_size)  # `lstm_h<H>` gives the hidden size H
     backdoor_target = 0
     drop_last = True
     # The forward trims pad columns to the batch's longest tweet (a data-dependent shape) and the LSTM has
@@ -173,18 +174,11 @@ class Sentiment140(Task):
 
     def __init__(self, settings: TaskSettings) -> None:
         super().__init__(settings)
-        self.hidden_size = lstm_hidden_size(settings.model)
+        self.hidden_size = self.parse_model(settings.model)
         self.model: LSTMClassifier | None = None  # built by `build_data`, once the vocabulary size is known
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_path: Path | None = None
 
-    @classmethod
-    def check_model(cls, model: str | None) -> str | None:
-        try:
-            lstm_hidden_size(model)
-        except ConfigError as err:
-            return str(err)
-        return None
 
     def artifacts(self) -> dict[str, Path]:
         """The tokenizer trained for this run, kept in the run directory as `tokenizer.json`."""

@@ -14,19 +14,7 @@ from fl_lightning.tasks.partition import dirichlet_split, iid_split
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 10,
                         max_draws: int = 10_000) -> list[np.ndarray]:
-    """Label-skewed split of `labels` over `num_clients` clients.
-
-    Args:
-        labels: Class of every training example, `[N]`.
-        num_clients: K.
-        alpha: Dirichlet concentration (0.5 in the paper; smaller is more skewed).
-        seed: Seed of the draw.
-        min_size: Every client must end with at least this many examples.
-        max_draws: Give up (with an error) after this many redraws.
-
-    Returns:
-        One int64 index array per client, shuffled (views into one array: `dirichlet_split`).
-    """
+    """`dirichlet_split` as one int64 index array per client, shuffled."""
     order, offsets = dirichlet_split(labels, num_clients, alpha, seed, min_size, max_draws)
     return np.split(order.astype(np.int64), offsets[1:-1])
 
