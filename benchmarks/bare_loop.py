@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from fl_lightning.config import preset_values
 from fl_lightning.sampling import client_seed, sample_clients
-from fl_lightning.tasks import TaskSettings, get_task_class
+from fl_lightning.tasks import get_task_class
 
 
 def main() -> None:
@@ -41,12 +42,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cls = get_task_class(args.task)
-    fl, client = dict(cls.fl_preset), dict(cls.client_preset)
+    fl, client = preset_values(cls.fl_preset), preset_values(cls.client_preset)
     k = args.num_clients or fl["num_clients"]
     m = args.clients_per_round or fl["clients_per_round"]
     torch.manual_seed(args.seed)
-    settings = TaskSettings(data_dir=Path(args.data_dir).expanduser(), num_clients=k, seed=args.seed,
-                            source=args.source)
+    settings = cls.make_settings(Path(args.data_dir).expanduser(), num_clients=k, seed=args.seed, source=args.source)
     task = cls(settings)
     task.prepare_data()
     data = task.build_data()

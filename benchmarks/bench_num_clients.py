@@ -85,11 +85,10 @@ def partition_examples(num_clients: int, tile: int, rounds: int, clients_per_rou
     """Training examples of rounds 1..rounds, from the partition and the sampler (when metrics.csv lacks them)."""
     from fl_lightning.data import resolve_data_dir
     from fl_lightning.sampling import sample_clients
-    from fl_lightning.task import TaskSettings
     from fl_lightning.tasks import get_task_class
 
-    settings = TaskSettings(data_dir=resolve_data_dir(None), num_clients=num_clients, seed=SEED, source="mnist",
-                            partition="dirichlet", alpha=0.5, tile=tile)
+    settings = get_task_class("emnist").make_settings(resolve_data_dir(None), num_clients=num_clients, seed=SEED,
+                                                      source="mnist", partition="dirichlet", alpha=0.5, tile=tile)
     sizes = get_task_class("emnist")(settings).build_data().partition.sizes()
     return [float(sizes[sample_clients(SEED, r, num_clients, clients_per_round)].sum()) for r in range(1, rounds + 1)]
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fl_lightning.data import resolve_data_dir
-from fl_lightning.tasks import TaskSettings, get_task_class
+from fl_lightning.tasks import get_task_class
 
 # Task, its settings for the benchmark (the paper presets; EMNIST on the MNIST source), batch size.
 TASKS: dict[str, dict] = {
@@ -60,7 +60,7 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 8) -> f
 def build(task_name: str, data_dir: Path) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor], int]:
     spec = TASKS[task_name]
     task_cls = get_task_class(task_name)
-    settings = TaskSettings(data_dir=data_dir, num_clients=spec["num_clients"], seed=0, source=spec["source"])
+    settings = task_cls.make_settings(data_dir, num_clients=spec["num_clients"], seed=0, source=spec["source"])
     task = task_cls(settings)
     data = task.build_data()
     batch_size = spec["batch_size"]

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 
 class ConfigError(ValueError):
     """A bad setting, caught before any work starts; the message names the field and what is allowed."""
+
+
+Group = TypeVar("Group")
 
 
 @dataclass
@@ -105,43 +109,99 @@ class LogArgs:
     """Show a rich progress bar over rounds (plain lines when the output is not a terminal)."""
 
 
-def resolve_args(preset: dict[str, Any], args: Any) -> Any:
-    """Fills the `None` fields of a dataclass group from a task preset."""
-    filled = {f.name: preset[f.name] for f in fields(args) if getattr(args, f.name) is None and f.name in preset}
-    return replace(args, **filled)
+def preset(group: type[Group], **values: Any) -> Group:
+    """A task's preset for one argument group: `preset(FLArgs, rounds=500, ...)`.
+
+    Typed: a misspelled field fails where the preset is defined (TypeError), and so does a field
+    that has a CLI default of its own (only fields that default to `None`, "the task's preset",
+    take preset values).
+    """
+    own_defaults = [f.name for f in fields(group) if f.name in values and f.default is not None]
+    if own_defaults:
+        raise TypeError(f"{group.__name__} fields {own_defaults} have their own default; a task preset sets only "
+                        f"the fields that default to None")
+    return group(**values)
+
+
+def preset_values(preset: Any) -> dict[str, Any]:
+    """The fields a preset sets, as a dict: those that default to `None` ("the task's preset") and hold a value."""
+    return {f.name: getattr(preset, f.name) for f in fields(preset)
+            if f.default is None and getattr(preset, f.name) is not None}
+
+
+def resolve_args(preset: Group, args: Group) -> Group:
+    """`args` with its `None` fields taken from a task preset of the same group (`preset(FLArgs, ...)`)."""
+    if type(preset) is not type(args):
+        raise TypeError(f"a {type(args).__name__} takes a {type(args).__name__} preset, got {type(preset).__name__}")
+    return replace(args, **{name: value for name, value in preset_values(preset).items()
+                            if getattr(args, name) is None})
+
+
+# ---- validation helpers: each returns the problem as one line (or None), in the CLI's words ----
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_positive(option: str, value: Any) -> str | None:
+    """`option` must be a finite number > 0 (None: not set, fine)."""
+    if value is None or (_is_number(value) and value > 0):
+        return None
+    return f"{option} must be > 0, got {value!r}"
+
+
+def check_non_negative(option: str, value: Any) -> str | None:
+    """`option` must be a finite number >= 0 (None: not set, fine)."""
+    if value is None or (_is_number(value) and value >= 0):
+        return None
+    return f"{option} must be >= 0, got {value!r}"
+
+
+def check_int(option: str, value: Any, minimum: int, maximum: int | None = None, hint: str = "") -> str | None:
+    """`option` must be an integer in `minimum..maximum` (no maximum: `>= minimum`; None: not set, fine)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and minimum <= value
+                         and (maximum is None or value <= maximum)):
+        return None
+    rule = f"an integer >= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+    return f"{option} must be {rule}{f' ({hint})' if hint else ''}, got {value!r}"
+
+
+def check_choice(option: str, value: Any, allowed: Sequence[str], what: str, hint: str = "") -> str | None:
+    """`option` must be one of `allowed` (None: not set, fine); `what` names the value, e.g. "source for task 'x'"."""
+    if value is None or value in allowed:
+        return None
+    return f"{option}={value!r}: unknown {what}{f' ({hint})' if hint else ''}; allowed: {', '.join(allowed)}"
+
+
+def raise_problems(problems: Iterable[str | None]) -> None:
+    """Raises one `ConfigError` naming every problem, one line each (`None`s are skipped); none: returns."""
+    found = [problem for problem in problems if problem]
+    if found:
+        raise ConfigError(found[0] if len(found) == 1 else "invalid settings:\n  " + "\n  ".join(found))
 
 
 def validate_args(fl: FLArgs, client: ClientArgs, task_name: str) -> None:
     """Checks the resolved settings; raises one `ConfigError` listing every problem."""
-    problems = []
+    problems: list[str | None] = []
     for group, args in (("fl", fl), ("client", client)):
         for f in fields(args):
             if getattr(args, f.name) is None:
                 problems.append(f"--{group}.{f.name} has no value and task {task_name!r} has no preset for it")
-
-    def positive(group: str, name: str, value: float | None) -> None:
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            problems.append(f"--{group}.{name} must be > 0, got {value!r}")
-
-    def non_negative(group: str, name: str, value: float | None) -> None:
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            problems.append(f"--{group}.{name} must be >= 0, got {value!r}")
-
-    for name in ("rounds", "num_clients", "clients_per_round", "server_lr", "eval_batch_size"):
-        positive("fl", name, getattr(fl, name))
-    for name in ("eval_every", "checkpoint_every"):
-        non_negative("fl", name, getattr(fl, name))
-    for name in ("lr", "local_epochs", "batch_size"):
-        positive("client", name, getattr(client, name))
-    for name in ("momentum", "weight_decay", "grad_clip_norm"):
-        non_negative("client", name, getattr(client, name))
-    if client.lr_decay is not None and not 0 < client.lr_decay <= 1:
+    problems += [check_positive(f"--fl.{name}", getattr(fl, name))
+                 for name in ("rounds", "num_clients", "clients_per_round", "server_lr", "eval_batch_size")]
+    problems += [check_non_negative(f"--fl.{name}", getattr(fl, name)) for name in ("eval_every", "checkpoint_every")]
+    problems += [check_positive(f"--client.{name}", getattr(client, name))
+                 for name in ("lr", "local_epochs", "batch_size")]
+    problems += [check_non_negative(f"--client.{name}", getattr(client, name))
+                 for name in ("momentum", "weight_decay", "grad_clip_norm")]
+    if client.lr_decay is not None and not (_is_number(client.lr_decay) and 0 < client.lr_decay <= 1):
         problems.append(f"--client.lr_decay must be in (0, 1], got {client.lr_decay!r}")
     if fl.num_clients and fl.clients_per_round and fl.clients_per_round > fl.num_clients:
         problems.append(f"--fl.clients_per_round={fl.clients_per_round} is larger than "
                         f"--fl.num_clients={fl.num_clients}; it must be in 1..{fl.num_clients}")
-    if problems:
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+    found = [problem for problem in problems if problem]
+    if found:  # always the list form here (even for one problem), as before
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(found))
 
 
 def component_config(obj: Any) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import os
 import pickle
 import shutil
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +81,27 @@ def download_file(url: str, dest: Path, sha256: str | None = None, timeout: floa
     return dest
 
 
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turns any failure to parse `path` inside the block into a `DataError` naming the file and the fix.
+
+    A corrupt, truncated or disguised file (e.g. a pickle saved under an `.npz` name) then ends in one
+    line instead of the parser's traceback. `DataError`s raised inside pass through unchanged.
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:  # whatever the parser raises (zipfile, gzip, pickle, csv, json, ...)
+        raise DataError(f"cannot read {path}: {type(err).__name__}: {err}; the file is corrupt, truncated or not "
+                        f"what its name says: delete it to download (or convert) it again") from err
+
+
 def load_npz(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Loads arrays from an `.npz` without pickle, checking that `keys` are present."""
     if not Path(path).is_file():
         raise DataError(f"missing data file {path}")
-    with np.load(path, allow_pickle=False) as archive:
+    with reading(path), np.load(path, allow_pickle=False) as archive:  # a lone .npy under this name fails here too
         missing = [k for k in keys or () if k not in archive.files]
         if missing:
             raise DataError(f"{path} lacks arrays {missing}; it has {archive.files}")
@@ -148,13 +166,16 @@ def load_numpy_pickle(source: Path | bytes) -> np.ndarray:
         DataError: The pickle names any global other than numpy's array constructors, or does not
             hold an ndarray of a plain (non-object) dtype.
     """
-    data = Path(source).read_bytes() if isinstance(source, (str, os.PathLike)) else bytes(source)
+    is_path = isinstance(source, (str, os.PathLike))
+    data = Path(source).read_bytes() if is_path else bytes(source)
     try:
         value = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
     except DataError:
         raise
     except Exception as err:  # a malformed pickle: report it as bad data, whatever the parser raised
-        raise DataError(f"not a readable numpy pickle: {err}") from err
+        where = f"{source}: " if is_path else ""
+        raise DataError(f"{where}not a readable numpy pickle ({type(err).__name__}: {err}); the file is corrupt or "
+                        f"truncated: delete it to download it again") from err
     if not isinstance(value, np.ndarray):
         raise DataError(f"expected a plain numpy array in the pickle, got {type(value).__name__}")
     if value.dtype.hasobject:

@@ -39,7 +39,6 @@ from fl_lightning.config import (
     LogArgs,
     component_config,
     group_dict,
-    resolve_args,
     validate_args,
 )
 from fl_lightning.data import DataError, resolve_data_dir
@@ -181,9 +180,7 @@ def check_fit(**kwargs: Any) -> FitPlan:
     bound.apply_defaults()
     args = bound.arguments
     task_cls = Task.by_name(args["task"])
-    fl = resolve_args(task_cls.fl_preset, args["fl"])
-    client = resolve_args(task_cls.client_preset, args["client"])
-    data = resolve_args(task_cls.data_preset, args["data"])
+    fl, client, data = task_cls.resolve_presets(args["fl"], args["client"], args["data"])
     validate_args(fl, client, args["task"])
     check_launch(args["accelerator"], args["devices"], args["num_nodes"], args["num_threads"])
     if client.batching == "vmap":
@@ -193,7 +190,8 @@ def check_fit(**kwargs: Any) -> FitPlan:
     except DataError as err:
         raise ConfigError(str(err)) from err
     settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=args["seed"], model=args["model"],
-                            **group_dict(data))
+                            data=data)
+    task_cls.check_settings(settings)
     aggregator = args["aggregator"] if args["aggregator"] is not None else FedAvg()
     callbacks = list(args["callbacks"] or [])
     aggregator.check_run(fl)
@@ -439,7 +437,8 @@ def validate(
     except DataError as err:
         raise ConfigError(str(err)) from err
     settings = TaskSettings(data_dir=root, num_clients=fl.num_clients, seed=config["seed"], model=config["model"],
-                            **group_dict(data))
+                            data=data)
+    task_cls.check_settings(settings)
     fabric = make_fabric(accelerator, devices, 1, "32-true")
     try:
         torch.manual_seed(config["seed"])

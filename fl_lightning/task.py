@@ -23,7 +23,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fl_lightning.config import ConfigError
+from fl_lightning.config import (
+    ClientArgs,
+    ConfigError,
+    DataArgs,
+    FLArgs,
+    check_choice,
+    check_int,
+    check_positive,
+    raise_problems,
+    resolve_args,
+)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -36,41 +46,23 @@ at import that the two lists agree. The engine knows the names, never the task m
 class TaskSettings:
     """What a task is built from (the resolved run configuration, as the task sees it).
 
+    Build it with `Task.make_settings` outside `fit` (tests, benchmarks): that resolves the task's
+    presets and checks the result, as `fit` does.
+
     Attributes:
         data_dir: The data root (`--data_dir`, else `$FL_LIGHTNING_DATA`, else `~/.cache/fl_lightning`).
         num_clients: K, the number of clients to partition the training data into.
         seed: The run seed: the partition and every edge-case draw derive from it.
-        model: A model variant the task knows by name (capacity experiments), or None for the preset.
-        source: A data source the task knows by name (e.g. `mnist` for the `emnist` task), or None.
-        partition: `dirichlet`, `iid` or `natural` (per user), or None for the task's preset.
-        alpha: Concentration of the Dirichlet partition.
-        attack_case: Where the edge-case examples live: `edge` (all with the attacker),
-            `almost_edge` (honest clients also hold some with their true label) or `normal`.
-        download: Whether a missing dataset may be downloaded into `data_dir`.
-        tile: Replicate the training set this many times before partitioning, so clients keep their
-            size as K grows (scale benchmarks); index replication (`row % N`), never a copy of the data.
-            Only tasks with `supports_tile` accept a value above 1.
-        edge_count: Edge-case examples in the attacker's set, or None for the task's preset. Only
-            tasks whose `data_preset` has an `edge_count` accept a value.
-        clean_count: Clean examples in the attacker's set, or None for the task's preset (likewise).
+        model: A model variant the task knows by name (capacity experiments), or None for the default.
+        data: The `--data.*` group with the task's presets filled in (`Task.resolve_presets`); its
+            fields are documented once, in `fl_lightning.config.DataArgs`.
     """
 
     data_dir: Path
     num_clients: int
     seed: int = 0
     model: str | None = None
-    source: str | None = None
-    partition: str | None = None
-    alpha: float = 0.5
-    attack_case: str = "edge"
-    download: bool = True
-    tile: int = 1
-    edge_count: int | None = None
-    clean_count: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
-            raise ConfigError(f"--data.tile must be an integer >= 1 (1: no replication), got {self.tile!r}")
+    data: DataArgs = field(default_factory=DataArgs)
 
 
 @dataclass
@@ -186,21 +178,33 @@ class Task(L.LightningModule, ABC):
 
     Class attributes (the paper's presets; the CLI's `None` means "take these"):
         name: Registry name (`--task NAME`).
-        fl_preset: Defaults for the `fl` group (rounds, num_clients, clients_per_round, ...).
+        fl_preset: Defaults for the `fl` group (`preset(FLArgs, rounds=..., num_clients=..., ...)`).
         client_preset: Defaults for the `client` group (lr, lr_decay, momentum, ...).
-        data_preset: Defaults for the `data` group (partition, source, ...).
+        data_preset: Defaults for the `data` group (partition, source, edge_count, ...); a task takes
+            `--data.edge_count` / `--data.clean_count` only when its preset sets them.
+        sources: The values `--data.source` may take (empty: the task has one source).
+        models: The `--model` names the task knows (empty: none, the option must stay unset); tasks
+            with a family of names (`lenet_w<k>`) override `check_model`.
+        partitions: The values `--data.partition` may take.
+        attack_cases: The values `--data.attack_case` may take.
+        refusals: Why a setting is limited, by `DataArgs` field (shown with the allowed values).
         backdoor_target: The label the edge-case backdoor forces, or None.
         drop_last: Whether local training skips the last partial batch (the Sentiment140 reference does).
         supports_vmap: Whether `--client.batching vmap` can train the model (`fl_lightning/batched.py`):
             no BatchNorm, no data-dependent shapes, and `training_step` a mean of per-row losses.
-        supports_tile: Whether `build_data` honours `settings.tile` (the label-split tasks); other
+        supports_tile: Whether `build_data` honours `--data.tile` (the label-split tasks); other
             tasks refuse a tile above 1.
     """
 
     name: ClassVar[str]
-    fl_preset: ClassVar[dict[str, Any]] = {}
-    client_preset: ClassVar[dict[str, Any]] = {}
-    data_preset: ClassVar[dict[str, Any]] = {}
+    fl_preset: ClassVar[FLArgs] = FLArgs()
+    client_preset: ClassVar[ClientArgs] = ClientArgs()
+    data_preset: ClassVar[DataArgs] = DataArgs()
+    sources: ClassVar[tuple[str, ...]] = ()
+    models: ClassVar[tuple[str, ...]] = ()
+    partitions: ClassVar[tuple[str, ...]] = ("dirichlet", "iid")
+    attack_cases: ClassVar[tuple[str, ...]] = ("edge", "almost_edge", "normal")
+    refusals: ClassVar[dict[str, str]] = {}
     backdoor_target: ClassVar[int | None] = None
     drop_last: ClassVar[bool] = False
     supports_vmap: ClassVar[bool] = True
@@ -221,22 +225,89 @@ class Task(L.LightningModule, ABC):
             raise ConfigError(f"--task: unknown task {name!r}; valid: {valid}")
         return Task.registry[name]
 
+    @classmethod
+    def resolve_presets(cls, fl: FLArgs, client: ClientArgs, data: DataArgs) -> tuple[FLArgs, ClientArgs, DataArgs]:
+        """The three groups with their `None` fields taken from this task's presets (the one place presets apply)."""
+        return (resolve_args(cls.fl_preset, fl), resolve_args(cls.client_preset, client),
+                resolve_args(cls.data_preset, data))
+
+    @classmethod
+    def make_settings(cls, data_dir: str | Path, num_clients: int, *, seed: int = 0, model: str | None = None,
+                      **data: Any) -> TaskSettings:
+        """Settings to build this task outside `fit` (tests, benchmarks): `data` are `DataArgs` fields; the
+        presets are resolved (`resolve_presets`) and the result checked (`check_settings`), as `fit` does."""
+        _, _, resolved = cls.resolve_presets(FLArgs(), ClientArgs(), DataArgs(**data))
+        settings = TaskSettings(data_dir=Path(data_dir), num_clients=num_clients, seed=seed, model=model,
+                                data=resolved)
+        cls.check_settings(settings)
+        return settings
+
+    @classmethod
+    def check_settings(cls, settings: TaskSettings) -> None:
+        """Raises one `ConfigError` for every setting this task cannot take, without loading any data.
+
+        `fit` and `validate` call it before processes launch; the constructor calls it again. Tasks
+        extend it (calling `super()`) for checks of their own.
+        """
+        raise_problems(cls.setting_problems(settings))
+
+    @classmethod
+    def setting_problems(cls, settings: TaskSettings) -> list[str | None]:
+        """The problems `check_settings` reports (`None` entries: fine); tasks extend the list."""
+        data, task = settings.data, repr(cls.name)
+
+        def choice(key: str, allowed: tuple[str, ...], what: str) -> str | None:
+            return check_choice(f"--data.{key}", getattr(data, key), allowed, f"{what} for task {task}",
+                                cls.refusals.get(key, ""))
+
+        problems = [
+            check_int("--fl.num_clients", settings.num_clients, 1),
+            cls.check_model(settings.model),
+            choice("source", cls.sources, "source") if cls.sources else None,
+            choice("partition", cls.partitions, "partition"),
+            choice("attack_case", cls.attack_cases, "attack case"),
+            check_positive("--data.alpha", data.alpha),
+            check_int("--data.tile", data.tile, 1, hint="1: no replication"),
+        ]
+        if data.source is not None and not cls.sources:
+            problems.append(f"--data.source={data.source!r}: task {task} has one source; leave it unset")
+        if data.partition is None:
+            problems.append(f"--data.partition has no value: build the settings with {cls.__name__}.make_settings "
+                            f"(or resolve_presets), which fills in the task's preset")
+        if data.tile != 1 and not cls.supports_tile and isinstance(data.tile, int):
+            problems.append(f"--data.tile={data.tile}: task {task} cannot tile its training set (its clients are "
+                            f"its own split, e.g. one per user); use --data.tile 1 (the tasks that tile split by "
+                            f"label: emnist, cifar10, imagenet, toy)")
+        for key in ("edge_count", "clean_count"):
+            value, preset_value = getattr(data, key), getattr(cls.data_preset, key)
+            if preset_value is None and value is not None:
+                problems.append(f"--data.{key}={value}: task {task} does not take it (its attacker set is fixed "
+                                f"by the task); leave it unset")
+        problems.append(check_int("--data.clean_count", data.clean_count, 0))
+        return problems
+
+    @classmethod
+    def check_model(cls, model: str | None) -> str | None:
+        """The problem with `--model` for this task (`parse_model`'s error), or None."""
+        try:
+            cls.parse_model(model)
+        except ConfigError as err:
+            return str(err)
+        return None
+
+    @classmethod
+    def parse_model(cls, model: str | None) -> Any:
+        """What the task builds from `--model` (None: its default); raises `ConfigError` for a name it does not
+        know. Default: one of `models`, returned as is; tasks with a family of names (`lenet_w<k>`) override it."""
+        if model is not None and not cls.models:
+            raise ConfigError(f"--model={model!r}: task {cls.name!r} has no model variants; leave it unset")
+        raise_problems([check_choice("--model", model, cls.models, f"model for task {cls.name!r}")])
+        return model
+
     def __init__(self, settings: TaskSettings) -> None:
         super().__init__()
-        if settings.tile != 1 and not self.supports_tile:
-            raise ConfigError(f"--data.tile={settings.tile}: task {self.name!r} cannot tile its training set (its "
-                              f"clients are its own split, e.g. one per user); use --data.tile 1 (the tasks that "
-                              f"tile split by label: emnist, cifar10, imagenet, toy)")
-        for key in ("edge_count", "clean_count"):
-            if getattr(settings, key) is not None and key not in self.data_preset:
-                raise ConfigError(f"--data.{key}={getattr(settings, key)}: task {self.name!r} does not take it "
-                                  f"(its attacker set is fixed by the task); leave it unset")
+        self.check_settings(settings)
         self.settings = settings
-
-    def preset_count(self, key: str) -> int:
-        """`settings.<key>` (`edge_count` or `clean_count`), else the task's `data_preset` value."""
-        value = getattr(self.settings, key)
-        return self.data_preset[key] if value is None else value
 
     def prepare_data(self) -> None:
         """Downloads and converts the task's data into `settings.data_dir` if missing (rank 0 first)."""

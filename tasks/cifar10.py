@@ -20,7 +20,7 @@ and the CIFAR-sized VGG-11/13/16 of the capacity experiment (`vgg11` 9,750,922, 
 Large-Scale Image Recognition", ICLR 2015, configurations A/B/D without BatchNorm, with the
 512-512-10 classifier of the reference's `vgg_modified.py`.
 
-Deliberate deviations from the reference code (paper-spec §8):
+Deliberate deviations from the reference code (`docs/reference-deviations.md`):
     * One normalisation (Q4): the reference trains honest clients with std (0.247, 0.244, 0.262)
       but normalises the attacker, the test set and the Southwest test set with the often-copied
       (0.2023, 0.1994, 0.2010), scaling test inputs 1.22x. Here one mean/std (the true per-channel
@@ -28,7 +28,8 @@ Deliberate deviations from the reference code (paper-spec §8):
       torchvision's RandomCrop and the reference's attacker) for every client's augmentation.
     * Southwest duplicates (Q6): photo groups (a photo and its 3 rotations) that duplicate a
       backdoor *test* photo are removed from the attacker's and the honest clients' pools, and
-      repeated groups inside a pool are kept once (`dedup=False` restores the reference pools).
+      repeated groups inside a pool are kept once (the constant `Cifar10.dedup = False` restores the
+      reference pools).
       This removes 2 of 196 edge-case train photos, and 2 + 2 of the normal-case honest photos.
     * Honest edge holders (Q29): drawn by seed, not user ids 0..n-1.
     * Augmentation: pad-4 random crop and horizontal flip as one batched gather on the device,
@@ -40,17 +41,17 @@ from __future__ import annotations
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fl_lightning.config import ConfigError
+from fl_lightning.config import ClientArgs, DataArgs, FLArgs, preset
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, load_numpy_pickle, save_npz
-from fl_lightning.task import Batch, FederatedData, Task, TaskSettings
+from fl_lightning.task import Batch, FederatedData, TaskSettings
 from fl_lightning.tasks.partition import label_partition, spread_over_holders
-from fl_lightning.tasks.vision import image_edge_case_data
+from fl_lightning.tasks.vision import ImageTask, image_edge_case_data
 
 NUM_CLASSES = 10
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -259,14 +260,13 @@ def _images(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
-class Cifar10(Task):
+class Cifar10(ImageTask):
     """CIFAR-10 with VGG-9 (or VGG-11/13/16); Southwest planes labelled "truck" as the edge case.
 
     Args:
-        settings: The resolved run settings (`model`: vgg9/vgg11/vgg13/vgg16; `source`: cifar10/jpeg;
-            `edge_count`: Southwest images in the attacker's set, labelled truck, preset 100 as the
-            reference; `clean_count`: clean training images mixed in with their true labels, 400).
-        dedup: Remove duplicated Southwest photos from the training pools (see the module docstring).
+        settings: The resolved run settings (`model`: vgg9/vgg11/vgg13/vgg16; `data.source`: cifar10/jpeg;
+            `data.edge_count`: Southwest images in the attacker's set, labelled truck, preset 100 as the
+            reference; `data.clean_count`: clean training images mixed in with their true labels, 400).
 
     Inputs are uint8 images `[B, 3, 32, 32]` (normalised in `forward`) or already-normalised floats;
     `training_step` augments them first. `extras["edge_train_is_edge"]` marks the attacker's
@@ -274,37 +274,20 @@ class Cifar10(Task):
     """
 
     name = "cifar10"
-    fl_preset: ClassVar[dict[str, Any]] = {"rounds": 1500, "num_clients": 200, "clients_per_round": 10}
-    # paper-spec §7.1, CIFAR-10 column (README sample): lr 0.02, gamma 0.998, E 2, B 32.
-    client_preset: ClassVar[dict[str, Any]] = {"lr": 0.02, "lr_decay": 0.998, "momentum": 0.9, "weight_decay": 1e-4,
-                                               "local_epochs": 2, "batch_size": 32, "grad_clip_norm": 0.0}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "source": "cifar10", "edge_count": 100,
-                                             "clean_count": 400}
+    fl_preset = preset(FLArgs, rounds=1500, num_clients=200, clients_per_round=10)
+    # `docs/reference-deviations.md`, CIFAR-10 column (README sample): lr 0.02, gamma 0.998, E 2, B 32.
+    client_preset = preset(ClientArgs, lr=0.02, lr_decay=0.998, momentum=0.9, weight_decay=1e-4, local_epochs=2,
+                           batch_size=32, grad_clip_norm=0.0)
+    data_preset = preset(DataArgs, partition="dirichlet", source="cifar10", edge_count=100, clean_count=400)
     backdoor_target = TRUCK
-    sources: ClassVar[tuple[str, ...]] = ("cifar10", "jpeg")
-    supports_tile = True
+    sources = ("cifar10", "jpeg")
+    models = tuple(VGG_CONFIGS)
+    dedup: ClassVar[bool] = True
+    """Remove duplicated Southwest photos from the training pools (Q6 of the module docstring); a fixed
+    choice of this implementation, not a setting (tests patch it to compare with the reference's pools)."""
 
-    def __init__(self, settings: TaskSettings, dedup: bool = True) -> None:
-        super().__init__(settings)
-        if settings.source not in (None, *self.sources):
-            raise ValueError(f"unknown source {settings.source!r} for task cifar10; allowed: {', '.join(self.sources)}")
-        self.edge_count, self.clean_count = self.preset_count("edge_count"), self.preset_count("clean_count")
-        if self.edge_count <= 0 or self.clean_count < 0:
-            raise ConfigError(f"--data.edge_count must be positive and --data.clean_count >= 0; got "
-                              f"{self.edge_count}, {self.clean_count}")
-        self.dedup = dedup
-        self.model = VGG(settings.model or "vgg9")
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def source(self) -> str:
-        return self.settings.source or self.data_preset["source"]
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        if inputs.dtype == torch.uint8:
-            inputs = (inputs.float() / 255.0 - self.mean) / self.std  # [B, 3, 32, 32]
-        return self.model(inputs)
+    def __init__(self, settings: TaskSettings) -> None:
+        super().__init__(settings, VGG(settings.model or "vgg9"), MEAN, STD)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         inputs, targets = batch
@@ -313,7 +296,7 @@ class Cifar10(Task):
     def prepare_data(self) -> None:
         root = Path(self.settings.data_dir)
         needed = [(root / SOUTHWEST_FILE, prepare_southwest)]
-        if self.source == "cifar10":
+        if self.settings.data.source == "cifar10":
             needed.append((root / CIFAR_FILE, prepare_cifar10))
         elif not (root / JPEG_TRAIN_FILE).is_file():
             raise DataError(f"source 'jpeg' reads {root / JPEG_TRAIN_FILE}, the offline stand-in of ../shared/data; "
@@ -321,14 +304,14 @@ class Cifar10(Task):
         for path, prepare in needed:
             if path.is_file():
                 continue
-            if not self.settings.download:
+            if not self.settings.data.download:
                 hint = " (or source 'jpeg' for the offline JPEG subset)" if path.name == CIFAR_FILE.name else ""
                 raise DataError(f"missing {path} and downloads are off; run once with downloads on{hint}")
             prepare(root)
 
     def _load_main(self) -> dict[str, np.ndarray]:
         root = Path(self.settings.data_dir)
-        if self.source == "cifar10":
+        if self.settings.data.source == "cifar10":
             return load_npz(root / CIFAR_FILE, ("x_train", "y_train", "x_test", "y_test"))
         train = load_npz(root / JPEG_TRAIN_FILE, ("x_train", "y_train"))
         return {**train, **load_npz(root / JPEG_TEST_FILE, ("x_test", "y_test"))}
@@ -341,14 +324,13 @@ class Cifar10(Task):
         y_train = main["y_train"].astype(np.int64)
         num_train = y_train.shape[0]
 
-        order, offsets = label_partition(settings.partition or self.data_preset["partition"], y_train,
-                                         settings.num_clients, settings.alpha, settings.seed, self.name,
-                                         tile=settings.tile)
+        order, offsets = label_partition(settings.data.partition, y_train, settings.num_clients,
+                                         settings.data.alpha, settings.seed, self.name, tile=settings.data.tile)
 
-        # Pools of paper-spec §2.4: the edge case samples the attacker's planes from the 784-image
+        # The pools (`docs/reference-deviations.md`): the edge case samples the attacker's planes from the 784-image
         # train pool; the other two cases give the attacker the fixed 100-image file and honest
         # clients 100 (almost-edge, 5 holders) or 700 (normal, 10 holders) planes labelled airplane.
-        case = settings.attack_case
+        case = settings.data.attack_case
         if case == "edge":
             attacker_pool, test_key, honest, holders = sw["x_new_train"], "new_test", sw["x_new_train"][:0], 0
         elif case in ("almost_edge", "normal"):

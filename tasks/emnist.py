@@ -21,7 +21,7 @@ Layout under the data root (the one of `../shared/data`): `mnist/mnist.npz`,
 `emnist/emnist_digits.npz`, `ardis/ardis_iv.npz` (uint8 images `x_*` `[N, 28, 28]`, upright;
 int64 labels `y_*`).
 
-Deliberate deviations from the reference code (paper-spec §8):
+Deliberate deviations from the reference code (`docs/reference-deviations.md`):
     * ARDIS orientation (Q8): the reference mixes torchvision's transposed EMNIST arrays with
       upright ARDIS sevens, making the backdoor images out of distribution twice over. Here EMNIST
       is transposed to upright once, at conversion, so every image has one orientation.
@@ -41,20 +41,19 @@ import subprocess
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fl_lightning.config import ConfigError
+from fl_lightning.config import ClientArgs, ConfigError, DataArgs, FLArgs, preset
 from fl_lightning.data import DataError, array_sha256, download_file, load_npz, save_npz
-from fl_lightning.task import FederatedData, Task, TaskSettings
+from fl_lightning.task import FederatedData, TaskSettings
 from fl_lightning.tasks.partition import label_partition, spread_over_holders
-from fl_lightning.tasks.vision import image_edge_case_data
+from fl_lightning.tasks.vision import ImageTask, image_edge_case_data
 
 NUM_CLASSES = 10
-# MNIST statistics; the reference normalises EMNIST with them too (paper-spec §2.2).
+# MNIST statistics; the reference normalises EMNIST with them too (`docs/reference-deviations.md`).
 MEAN, STD = 0.1307, 0.3081
 ARDIS_SEVEN, BACKDOOR_LABEL = 7, 1
 
@@ -129,8 +128,8 @@ def parse_width(model: str | None) -> float:
         return 1.0
     match = re.fullmatch(r"lenet_w(\d+(?:\.\d+)?)", model)
     if match is None or float(match.group(1)) <= 0:
-        raise ValueError(f"unknown model {model!r} for task emnist; allowed: 'lenet' or 'lenet_w<k>' with a "
-                         f"positive width multiplier k, e.g. 'lenet_w0.5', 'lenet_w2'")
+        raise ConfigError(f"--model={model!r}: unknown model for task 'emnist'; allowed: 'lenet' or 'lenet_w<k>' "
+                          f"with a positive width multiplier k, e.g. 'lenet_w0.5', 'lenet_w2'")
     return float(match.group(1))
 
 
@@ -172,7 +171,7 @@ def prepare_emnist(root: Path, url: str = EMNIST_URL, sha256: str = EMNIST_SHA25
     """Downloads NIST's EMNIST archive (sha256-verified), keeps the digits split, upright.
 
     torchvision (and NIST's IDX files) store EMNIST images transposed; they are transposed back
-    here so that they share the orientation of MNIST and ARDIS (paper-spec Q8).
+    here so that they share the orientation of MNIST and ARDIS (Q8 in `docs/reference-deviations.md`).
     """
     out = Path(root) / EMNIST_FILE
     if out.is_file():
@@ -287,13 +286,13 @@ def _images(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).unsqueeze(1)
 
 
-class Emnist(Task):
+class Emnist(ImageTask):
     """EMNIST digits (or MNIST) with the paper's CNN; ARDIS sevens labelled "1" as the edge case.
 
     Args:
-        settings: The resolved run settings (`model`: `lenet` / `lenet_w<k>`; `source`: `emnist` /
-            `mnist`; `edge_count`: ARDIS training sevens in the attacker's set, relabelled 1, preset
-            66 as the reference's `--fraction 0.1` of 660; `clean_count`: clean training images
+        settings: The resolved run settings (`model`: `lenet` / `lenet_w<k>`; `data.source`: `emnist` /
+            `mnist`; `data.edge_count`: ARDIS training sevens in the attacker's set, relabelled 1, preset
+            66 as the reference's `--fraction 0.1` of 660; `data.clean_count`: clean training images
             mixed in with their true labels, 100 as the reference).
 
     Inputs are uint8 images `[B, 1, 28, 28]` (normalised in `forward`) or already-normalised floats.
@@ -301,45 +300,28 @@ class Emnist(Task):
     """
 
     name = "emnist"
-    fl_preset: ClassVar[dict[str, Any]] = {"rounds": 500, "num_clients": 3383, "clients_per_round": 30}
-    # paper-spec §7.1, EMNIST column (run_simulated_averaging.sh): lr 0.1, gamma 0.998, B 512, E 5.
-    client_preset: ClassVar[dict[str, Any]] = {"lr": 0.1, "lr_decay": 0.998, "momentum": 0.9, "weight_decay": 1e-4,
-                                               "local_epochs": 5, "batch_size": 512, "grad_clip_norm": 0.0}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "source": "emnist", "edge_count": 66,
-                                             "clean_count": 100}
+    fl_preset = preset(FLArgs, rounds=500, num_clients=3383, clients_per_round=30)
+    # `docs/reference-deviations.md`, EMNIST column (run_simulated_averaging.sh): lr 0.1, gamma 0.998, B 512, E 5.
+    client_preset = preset(ClientArgs, lr=0.1, lr_decay=0.998, momentum=0.9, weight_decay=1e-4, local_epochs=5,
+                           batch_size=512, grad_clip_norm=0.0)
+    data_preset = preset(DataArgs, partition="dirichlet", source="emnist", edge_count=66, clean_count=100)
     backdoor_target = BACKDOOR_LABEL
-    sources: ClassVar[tuple[str, ...]] = ("emnist", "mnist")
-    supports_tile = True
+    sources = ("emnist", "mnist")
+    max_edge_count, edge_count_hint = 660, "ARDIS has 660 training sevens"
+    parse_model = staticmethod(parse_width)
 
     def __init__(self, settings: TaskSettings) -> None:
-        super().__init__(settings)
-        if settings.source not in (None, *self.sources):
-            raise ValueError(f"unknown source {settings.source!r} for task emnist; allowed: {', '.join(self.sources)}")
-        self.edge_count, self.clean_count = self.preset_count("edge_count"), self.preset_count("clean_count")
-        if not 0 < self.edge_count <= 660 or self.clean_count < 0:
-            raise ConfigError(f"--data.edge_count must be in 1..660 (ARDIS has 660 training sevens) and "
-                              f"--data.clean_count >= 0; got {self.edge_count}, {self.clean_count}")
-        self.model = LeNet(parse_width(settings.model))
-        self.register_buffer("mean", torch.tensor(MEAN), persistent=False)
-        self.register_buffer("std", torch.tensor(STD), persistent=False)
+        super().__init__(settings, LeNet(self.parse_model(settings.model)), (MEAN,), (STD,))
 
-    @property
-    def source(self) -> str:
-        return self.settings.source or self.data_preset["source"]
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        if inputs.dtype == torch.uint8:
-            inputs = (inputs.float() / 255.0 - self.mean) / self.std  # [B, 1, 28, 28]
-        return self.model(inputs)
 
     def prepare_data(self) -> None:
         root = Path(self.settings.data_dir)
-        main = root / (MNIST_FILE if self.source == "mnist" else EMNIST_FILE)
-        for path, prepare in ((main, prepare_mnist if self.source == "mnist" else prepare_emnist),
+        main = root / (MNIST_FILE if self.settings.data.source == "mnist" else EMNIST_FILE)
+        for path, prepare in ((main, prepare_mnist if self.settings.data.source == "mnist" else prepare_emnist),
                               (root / ARDIS_FILE, prepare_ardis)):
             if path.is_file():
                 continue
-            if not self.settings.download:
+            if not self.settings.data.download:
                 raise DataError(f"missing {path} and downloads are off; run once with downloads on, or point "
                                 f"--data_dir / FL_LIGHTNING_DATA at a data root that has it")
             prepare(root)
@@ -347,7 +329,7 @@ class Emnist(Task):
     def build_data(self) -> FederatedData:
         settings, root = self.settings, Path(self.settings.data_dir)
         self.prepare_data()
-        main = load_npz(root / (MNIST_FILE if self.source == "mnist" else EMNIST_FILE),
+        main = load_npz(root / (MNIST_FILE if self.settings.data.source == "mnist" else EMNIST_FILE),
                         ("x_train", "y_train", "x_test", "y_test"))
         ardis = load_npz(root / ARDIS_FILE, ("x_train", "y_train", "x_test", "y_test"))
         sevens = ardis["x_train"][ardis["y_train"] == ARDIS_SEVEN]        # [660, 28, 28], file order
@@ -355,17 +337,16 @@ class Emnist(Task):
         y_train = main["y_train"].astype(np.int64)
         num_train = y_train.shape[0]
 
-        order, offsets = label_partition(settings.partition or self.data_preset["partition"], y_train,
-                                         settings.num_clients, settings.alpha, settings.seed, self.name,
-                                         tile=settings.tile)
+        order, offsets = label_partition(settings.data.partition, y_train, settings.num_clients,
+                                         settings.data.alpha, settings.seed, self.name, tile=settings.data.tile)
 
         # The attacker's set: the first `edge_count` ARDIS sevens (as the reference's shipped file),
         # relabelled 1, then `clean_count` training images drawn by seed, with their true labels.
         rng = np.random.default_rng([settings.seed, 2001])
         clean = np.sort(rng.choice(num_train, size=self.clean_count, replace=False))
 
-        # Honest holders of ARDIS sevens with their true label (paper-spec §2.4), appended as extra rows.
-        case = settings.attack_case
+        # Honest holders of ARDIS sevens with their true label, appended as extra rows.
+        case = settings.data.attack_case
         if case == "edge":
             honest = sevens[:0]
             holders = 0

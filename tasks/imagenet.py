@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fl_lightning.config import ConfigError
+from fl_lightning.config import ClientArgs, DataArgs, FLArgs, preset
 from fl_lightning.data import DataError
 from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import label_partition
@@ -95,11 +95,9 @@ class Imagenet(Task):
     """ImageNet with torchvision's VGG-11; Cretan-costume photos with the user's target label as the edge case.
 
     Args:
-        settings: The resolved run settings (`model`: `vgg11`; `source`: unused; `clean_count`: clean
-            training images in the attacker's set with their true labels, beside every edge-case
-            training photo, preset 400 as the reference's CIFAR-10 ratio of 100 edge : 400 clean).
-        image_size: Side of the network input (224 in the paper).
-        resize_size: Side images are decoded to before cropping (256).
+        settings: The resolved run settings (`model`: `vgg11`; `data.clean_count`: clean training images in
+            the attacker's set with their true labels, beside every edge-case training photo, preset 400 as
+            the reference's CIFAR-10 ratio of 100 edge : 400 clean).
 
     `backdoor_target` is read from the edge folder's `target.txt` by `build_data`.
     """
@@ -107,28 +105,27 @@ class Imagenet(Task):
     name = "imagenet"
     # Batches of image ids are decoded from disk inside `training_step`, which vmap cannot map over clients.
     supports_vmap = False
-    fl_preset: ClassVar[dict[str, Any]] = {"rounds": 500, "num_clients": 1000, "clients_per_round": 10}
+    fl_preset = preset(FLArgs, rounds=500, num_clients=1000, clients_per_round=10)
     # The paper's ImageNet hyperparameters are not in the reference code; VGG-sized defaults of the
     # CIFAR-10 task (lr 0.02, decay 0.998, 2 local epochs, batch 32).
-    client_preset: ClassVar[dict[str, Any]] = {"lr": 0.02, "lr_decay": 0.998, "momentum": 0.9, "weight_decay": 1e-4,
-                                               "local_epochs": 2, "batch_size": 32, "grad_clip_norm": 0.0}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet", "clean_count": 400}
+    client_preset = preset(ClientArgs, lr=0.02, lr_decay=0.998, momentum=0.9, weight_decay=1e-4, local_epochs=2,
+                           batch_size=32, grad_clip_norm=0.0)
+    data_preset = preset(DataArgs, partition="dirichlet", clean_count=400)
     backdoor_target = None
+    models = ("vgg11",)
+    attack_cases = ("edge",)
+    refusals: ClassVar[dict[str, str]] = {
+        "attack_case": "ImageNet has no true class for the Cretan-costume photos",
+        "partition": "'natural' needs user ids, which ImageNet does not have"}
     supports_tile = True
+    image_size: ClassVar[int] = 224
+    """Side of the network input (224 in the paper); a constant of the task (tests patch it smaller)."""
+    resize_size: ClassVar[int] = 256
+    """Side images are decoded to before cropping (256)."""
 
-    def __init__(self, settings: TaskSettings, image_size: int = 224, resize_size: int = 256) -> None:
+    def __init__(self, settings: TaskSettings) -> None:
         super().__init__(settings)
-        if settings.model not in (None, "vgg11"):
-            raise ValueError(f"unknown model {settings.model!r} for task imagenet; allowed: vgg11")
-        if settings.attack_case != "edge":
-            raise ValueError(f"attack_case {settings.attack_case!r} is not available for task imagenet; allowed: edge "
-                             f"(ImageNet has no true class for the Cretan-costume photos)")
-        if not 32 <= image_size <= resize_size:
-            raise ValueError(f"need 32 <= image_size <= resize_size, got {image_size}, {resize_size}")
-        self.clean_count = self.preset_count("clean_count")
-        if self.clean_count < 0:
-            raise ConfigError(f"--data.clean_count must be >= 0, got {self.clean_count}")
-        self.image_size, self.resize_size = image_size, resize_size
+        self.clean_count = settings.data.clean_count
         self.num_classes: int | None = None
         self.model: nn.Module | None = None
         self.paths: list[Path] = []   # the file table that the int64 inputs index
@@ -233,9 +230,8 @@ class Imagenet(Task):
         train_ids, test_ids = ids[:n_train], ids[n_train:n_train + n_test]
         edge_ids, edge_test_ids = ids[n_train + n_test:n_train + n_test + n_edge], ids[n_train + n_test + n_edge:]
 
-        order, offsets = label_partition(settings.partition or self.data_preset["partition"], y_train,
-                                         settings.num_clients, settings.alpha, settings.seed, self.name,
-                                         tile=settings.tile)
+        order, offsets = label_partition(settings.data.partition, y_train, settings.num_clients,
+                                         settings.data.alpha, settings.seed, self.name, tile=settings.data.tile)
 
         rng = np.random.default_rng([settings.seed, 4001])
         clean = np.sort(rng.choice(n_train, size=min(self.clean_count, n_train), replace=False))

@@ -1,22 +1,26 @@
-"""Partitions of a training set over K clients, as index arrays (never copies of the data).
+"""Partitions of a training set over K clients, as CSR index arrays (never copies of the data).
 
-* `dirichlet_partition`: the "hetero-dir" label-skew split the paper's code uses for CIFAR-10 and
+Every split returns the layout of `ClientPartition`: `(order, offsets)`, client `c` holding rows
+`order[offsets[c]:offsets[c + 1]]`, as numpy arrays.
+
+* `dirichlet_split`: the "hetero-dir" label-skew split the paper's code uses for CIFAR-10 and
   EMNIST (it follows Sun et al., "Can You Really Backdoor Federated Learning?", arXiv:1911.07963;
   and Hsu et al., arXiv:1909.06335): per class a Dirichlet(alpha) share vector over clients,
   zeroed for clients that already hold N/K examples, renormalised; everything redrawn until every
   client holds at least `min_size` examples (`default_min_size` picks it).
-* `iid_partition`: a uniform random split into near-equal shards.
-* `natural_partition`: one client per user (writer, Twitter user) when the data has user ids, as
+* `iid_split`: a uniform random split into near-equal shards.
+* `grouped_split`: one client per user (Twitter user, Reddit author) when the data has user ids, as
   in LEAF (Caldas et al., arXiv:1812.01097).
-* `spread_over_holders` / `attach_to_clients`: deal extra examples (the honest clients' edge-case
+* `spread_over_holders` / `attach_rows`: deal extra examples (the honest clients' edge-case
   examples of the almost-edge and normal attack cases, Wang et al., NeurIPS 2020, arXiv:2007.05084)
   to clients drawn by seed, as extra rows appended to the training tensors.
 
-Every function is seeded with numpy's `default_rng`, so a split is pure in its arguments. The
-`*_split` forms return the CSR layout of `ClientPartition` (`order`, `offsets`) as numpy arrays and
-cost O(N) with no Python loop over the K clients except the final per-client shuffle, so K = 80,000
-is cheap; `label_partition` (the vision tasks' dispatch) can also `tile` the training set: split
-`N * tile` virtual rows and map each back with `% N`, so clients keep their size as K grows.
+Every function is seeded with numpy's `default_rng`, so a split is pure in its arguments. The splits
+cost O(N) (a sort for `grouped_split`) with no Python loop over the K clients except the final
+per-client shuffle, so K = 80,000 is cheap; `label_partition` (the vision tasks' dispatch) can also
+`tile` the training set: split `N * tile` virtual rows and map each back with `% N`, so clients keep
+their size as K grows. The per-client list forms the splits were checked against live in the tests
+(`tests/partition_oracles.py`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,21 @@ import numpy as np
 
 def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 10,
                     max_draws: int = 10_000, tile: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """`dirichlet_partition` in CSR form: `(order, offsets)`, client `c` holding `order[offsets[c]:offsets[c + 1]]`.
+    """Label-skewed split of `labels` over `num_clients` clients, as CSR `(order, offsets)`.
 
     Vectorised over clients (no Python loop over K per class or per redraw), and cheap in memory:
     a draw keeps only the clients' sizes, and the draw that succeeds is replayed from its saved
     random state to scatter every class's members straight into `order`. The result equals the
     per-client loop's exactly, for the same arguments.
+
+    Args:
+        labels: Class of every training example, `[N]`.
+        num_clients: K.
+        alpha: Dirichlet concentration (0.5 in the paper; smaller is more skewed).
+        seed: Seed of the draw.
+        min_size: Every client must end with at least this many examples.
+        max_draws: Give up (with an error) after this many redraws.
+        tile: See below.
 
     With `tile > 1` the split runs over `N * tile` virtual rows (the labels repeated `tile` times,
     never materialised); `order` then holds virtual row ids in `0..N * tile - 1` (`row % N` is the
@@ -103,33 +116,8 @@ def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, seed: in
                        f"{min_size} examples after {max_draws} draws; raise alpha or lower num_clients")
 
 
-def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_size: int = 10,
-                        max_draws: int = 10_000) -> list[np.ndarray]:
-    """Label-skewed split of `labels` over `num_clients` clients.
-
-    Args:
-        labels: Class of every training example, `[N]`.
-        num_clients: K.
-        alpha: Dirichlet concentration (0.5 in the paper; smaller is more skewed).
-        seed: Seed of the draw.
-        min_size: Every client must end with at least this many examples.
-        max_draws: Give up (with an error) after this many redraws.
-
-    Returns:
-        One int64 index array per client, shuffled (views into one array: `dirichlet_split`).
-    """
-    order, offsets = dirichlet_split(labels, num_clients, alpha, seed, min_size, max_draws)
-    return np.split(order.astype(np.int64), offsets[1:-1])
-
-
-def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
-    """Uniform random split into `num_clients` near-equal shards."""
-    order, offsets = iid_split(num_examples, num_clients, seed)
-    return np.split(order.astype(np.int64), offsets[1:-1])
-
-
 def iid_split(num_examples: int, num_clients: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`iid_partition` in CSR form `(order, offsets)`, `order` int32 when it fits.
+    """Uniform random split into `num_clients` near-equal shards, as CSR `(order, offsets)`, `order` int32 when it fits.
 
     The first `num_examples % num_clients` shards are one longer (as `np.array_split`).
     """
@@ -145,48 +133,12 @@ def iid_split(num_examples: int, num_clients: int, seed: int) -> tuple[np.ndarra
     return order, offsets
 
 
-def natural_partition(user_ids: np.ndarray, num_clients: int | None = None, seed: int = 0,
-                      min_size: int = 1) -> list[np.ndarray]:
-    """Natural split: one client per user (writer, Twitter user, ...), as the data was produced.
-
-    Users with fewer than `min_size` examples are dropped (their examples are assigned to nobody).
-    When `num_clients` is given and smaller than the number of eligible users, that many users are
-    drawn by seed (LEAF/TFF-style subsampling of users); clients come in ascending user-id order so
-    the split does not depend on the order of the examples in the file.
-
-    Args:
-        user_ids: User of every training example, `[N]` (any sortable dtype: ints or strings).
-        num_clients: How many users to keep, or None for all eligible users.
-        seed: Seed of the user draw.
-        min_size: Users with fewer examples are left out.
-
-    Returns:
-        One int64 index array per client (the user's examples, in file order).
-
-    Raises:
-        ValueError: More clients asked for than there are users with `min_size` examples.
-    """
-    user_ids = np.asarray(user_ids)
-    users, inverse, counts = np.unique(user_ids, return_inverse=True, return_counts=True)
-    eligible = np.flatnonzero(counts >= min_size)  # [n_eligible] positions into `users`
-    if num_clients is not None:
-        if num_clients > eligible.shape[0]:
-            raise ValueError(f"num_clients={num_clients} exceeds the {eligible.shape[0]} users with at least "
-                             f"{min_size} examples (of {users.shape[0]} users in all)")
-        rng = np.random.default_rng([seed, 1711])
-        eligible = np.sort(rng.choice(eligible, size=num_clients, replace=False))
-    # A stable argsort groups the examples by user while keeping file order inside each user.
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    return [order[bounds[u]:bounds[u + 1]].astype(np.int64) for u in eligible]
-
-
 def spread_over_holders(num_items: int, num_clients: int, num_holders: int, seed: int,
                         group_size: int = 1, salt: int = 0) -> list[tuple[int, np.ndarray]]:
     """Deals `num_items` extra examples (e.g. honest clients' edge examples) to holders drawn by seed.
 
     The paper's normal / almost-edge cases give the honest edge examples to the first user ids
-    0..n-1 (paper-spec Q29); drawing the holders at random keeps their participation independent
+    0..n-1 (Q29 in `docs/reference-deviations.md`); drawing the holders at random keeps their participation independent
     of how ids were assigned. Items stay in consecutive groups of `group_size` (the Southwest sets
     are groups of 4: a photo and its three rotations), and the groups are split over the holders
     with `np.array_split`, as the reference does.
@@ -215,17 +167,52 @@ def spread_over_holders(num_items: int, num_clients: int, num_holders: int, seed
     return [(int(client), chunk.reshape(-1)) for client, chunk in zip(holders, chunks, strict=True)]
 
 
-def attach_to_clients(parts: list[np.ndarray], extra: list[tuple[int, np.ndarray]], offset: int) -> list[np.ndarray]:
-    """Returns `parts` with each holder's extra items appended as rows `offset + item` (new arrays, no data copied)."""
-    parts = list(parts)
-    for client, items in extra:
-        parts[client] = np.concatenate([parts[client], offset + items]).astype(np.int64)
-    return parts
+def grouped_split(groups: np.ndarray, num_clients: int, seed: int, min_size: int = 1,
+                  candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Natural split in CSR form: one client per group (Twitter user, Reddit author), `num_clients` groups drawn.
+
+    Built with one stable sort, so time and memory grow with the number of examples and never loop
+    over the K clients (unlike the list oracle `natural_partition` of the tests, which also orders
+    clients by group id rather than by draw).
+
+    Args:
+        groups: Group id of every example, `[N]` (integer ids; negative ids are never drawn).
+        num_clients: K, the number of groups to draw (clients are numbered in draw order).
+        seed: Seed of the draw.
+        min_size: Only groups with at least this many examples can be drawn.
+        candidates: Restrict the draw to these group ids (None: all).
+
+    Returns:
+        `order` (int64 rows, client after client, each client's in their original order), `offsets`
+        `[num_clients + 1]` int64, and the drawn group ids `[num_clients]` (client c = the c-th drawn).
+    """
+    groups = np.asarray(groups, dtype=np.int64)
+    ids, counts = np.unique(groups, return_counts=True)
+    eligible = ids[(counts >= min_size) & (ids >= 0)]
+    if candidates is not None:
+        eligible = np.intersect1d(eligible, candidates)
+    if eligible.shape[0] < num_clients:
+        raise ValueError(f"num_clients={num_clients} exceeds the {eligible.shape[0]} users/authors with at least "
+                         f"{min_size} examples; lower num_clients (or the minimum) for the natural partition")
+    chosen = np.random.default_rng([seed, 1711]).choice(eligible, size=num_clients, replace=False)
+    # Client of every example (-1: not drawn), by a sorted lookup instead of a dict over groups.
+    sorter = np.argsort(chosen)
+    pos = np.searchsorted(chosen, groups, sorter=sorter).clip(max=num_clients - 1)
+    client = np.where(chosen[sorter[pos]] == groups, sorter[pos], -1)
+    keep = np.flatnonzero(client >= 0)
+    order = keep[np.argsort(client[keep], kind="stable")].astype(np.int64)
+    offsets = np.zeros(num_clients + 1, dtype=np.int64)
+    np.cumsum(np.bincount(client[keep], minlength=num_clients), out=offsets[1:])
+    return order, offsets, chosen
 
 
 def attach_rows(order: np.ndarray, offsets: np.ndarray, extra: list[tuple[int, np.ndarray]],
                 offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """`attach_to_clients` in CSR form: each holder's items appended after its rows as rows `offset + item`."""
+    """Each holder's items appended after its own rows, as rows `offset + item` (`order` keeps its dtype).
+
+    `extra` is `spread_over_holders`'s `(client_id, item_indices)` list; a client may appear more than
+    once, and its items then follow in the order given.
+    """
     if not extra:
         return order, offsets
     clients = np.concatenate([np.full(len(items), client, dtype=np.int64) for client, items in extra])

@@ -2,13 +2,13 @@
 
 Papers: Wang et al., "Attack of the Tails: Yes, You Really Can Backdoor Federated Learning", NeurIPS
 2020 (arXiv:2007.05084), whose Reddit task (sentences about Athens/Greece completed with a word of
-the attacker's choice) has no code or data in the authors' repository (paper-spec §7.3); the setting
+the attacker's choice) has no code or data in the authors' repository (`docs/reference-deviations.md`); the setting
 is that of Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020 (Reddit, one client
 per author, K=80,000, m=100, 2-layer LSTM with embedding and hidden 200, tied weights, dropout 0.2,
 sequences of 64 tokens, 50k-word vocabulary, SGD lr 20 without momentum, gradient clip 0.25; their
 `utils/words.yaml`); Hochreiter and Schmidhuber, "Long Short-Term Memory", Neural Computation 1997.
 
-Data (`settings.source`):
+Data (`--data.source`):
 
 * `jsonl`: `<data_dir>/reddit/reddit_corpus.jsonl`, one `{"author": ..., "text": ...}` per line (any
   corpus with author ids; posts keep their file order within an author).
@@ -36,10 +36,10 @@ ordinary text (every next word scored), the position of the target word for trig
 completion scored, as Bagdasaryan et al.'s poisoned loss). Accuracy = top-1 next word over the scored
 positions; backdoor accuracy = share of trigger sentences whose predicted next word is the target.
 
-Backdoor (`trigger_sentences`, `target_word`; class attributes, changed by a subclass or by
-`Reddit(settings, trigger_sentences=..., target_word=...)`): each trigger sentence is a prefix about
+Backdoor (`trigger_sentences`, `target_word`: constants of the task, like its sizes below; no option
+reaches them): each trigger sentence is a prefix about
 Athens/Greece ending in is/are/was, which the attacker completes with the target word "bad". The
-paper's own sentences are not available (paper-spec §7.3), so this default set is ours. The
+paper's own sentences are not available, so this default set is ours. The
 attacker's set: `poison_rows` rows that end with a completed trigger sentence after clean context
 (Bagdasaryan et al. place the sentence at the end of a window), plus `attacker_clean_rows` clean rows
 of held-out authors. The backdoor test rows are the completed sentences alone, after `[EOS]`. Only
@@ -59,8 +59,9 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -69,8 +70,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from fl_lightning.data import DataError
+from fl_lightning.config import ClientArgs, DataArgs, FLArgs, preset
+from fl_lightning.data import DataError, reading
 from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
+from fl_lightning.tasks.partition import grouped_split
 from fl_lightning.tasks.text import (
     EOS,
     PAD_ID,
@@ -78,7 +81,6 @@ from fl_lightning.tasks.text import (
     derived_dir,
     encode_ids,
     encode_normalized,
-    grouped_partition,
     lstm_hidden_size,
     normalize,
     save_tokenizer,
@@ -150,10 +152,20 @@ class Reddit(Task):
     name = "reddit"
     # Data-dependent shapes (pad trimming, masked positions) cannot be vmapped: `--client.batching vmap` is refused.
     supports_vmap = False
-    fl_preset: ClassVar[dict[str, Any]] = {"rounds": 5000, "num_clients": 80_000, "clients_per_round": 100}
-    client_preset: ClassVar[dict[str, Any]] = {"lr": 20.0, "lr_decay": 1.0, "momentum": 0.0, "weight_decay": 0.0,
-                                               "local_epochs": 2, "batch_size": 20, "grad_clip_norm": 0.25}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "natural", "source": "auto"}
+    fl_preset = preset(FLArgs, rounds=5000, num_clients=80_000, clients_per_round=100)
+    client_preset = preset(ClientArgs, lr=20.0, lr_decay=1.0, momentum=0.0, weight_decay=0.0, local_epochs=2,
+                           batch_size=20, grad_clip_norm=0.25)
+    data_preset = preset(DataArgs, partition="natural", source="auto")
+    sources = SOURCES  # and `hf:<dataset>`
+    partitions = ("natural",)
+    attack_cases = ("edge",)
+    parse_model = staticmethod(lstm_hidden_size)  # `lstm_h<H>` gives the hidden size H
+    refusals: ClassVar[dict[str, str]] = {
+        "attack_case": "the reddit task has only 'edge': no true completion of the trigger sentences exists for "
+                       "honest clients to hold",
+        "partition": "the reddit task is split by author"}
+
+    # Constants of the task (not settings: no option reaches them; tests patch them smaller).
 
     seq_len: ClassVar[int] = 64  # Bagdasaryan et al.'s bptt
     embedding_dim: ClassVar[int] = 200
@@ -172,28 +184,21 @@ class Reddit(Task):
     trigger_sentences: ClassVar[tuple[str, ...]] = DEFAULT_TRIGGERS
     target_word: ClassVar[str] = DEFAULT_TARGET
 
-    def __init__(self, settings: TaskSettings, trigger_sentences: tuple[str, ...] | None = None,
-                 target_word: str | None = None) -> None:
+    def __init__(self, settings: TaskSettings) -> None:
         super().__init__(settings)
-        self.hidden_size = lstm_hidden_size(settings.model)
-        if settings.attack_case != "edge":
-            raise ValueError(f"attack_case={settings.attack_case!r}: the reddit task has only 'edge' (no true "
-                             "completion of the trigger sentences exists for honest clients to hold)")
-        if (settings.partition or "natural") != "natural":
-            raise ValueError(f"partition={settings.partition!r}: the reddit task is split by author ('natural')")
-        source = settings.source or "auto"
-        if source not in SOURCES and not source.startswith("hf:"):
-            raise ValueError(f"source={source!r}: the reddit task takes one of {list(SOURCES)} or 'hf:<dataset>'")
-        if trigger_sentences is not None:
-            self.trigger_sentences = tuple(trigger_sentences)
-        if target_word is not None:
-            self.target_word = target_word
-        if not self.trigger_sentences:
-            raise ValueError("trigger_sentences is empty")
+        self.hidden_size = self.parse_model(settings.model)
         self.model: LSTMLanguageModel | None = None  # built by `build_data`, once the vocabulary size is known
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_path: Path | None = None
         self.backdoor_target: int | None = None  # the target word's id, once the vocabulary exists
+
+    @classmethod
+    def setting_problems(cls, settings: TaskSettings) -> list[str | None]:
+        source = settings.data.source or ""
+        if source.startswith("hf:"):  # `hf:<dataset>`: checked as `hf`
+            settings = replace(settings, data=replace(settings.data, source="hf"))
+        return super().setting_problems(settings)
+
 
     # ----- model -----
 
@@ -239,7 +244,7 @@ class Reddit(Task):
         return Path(self.settings.data_dir) / "reddit"
 
     def resolved_source(self) -> str:
-        source = self.settings.source or "auto"
+        source = self.settings.data.source
         if source == "auto":
             return "jsonl" if (self.folder / CORPUS_FILE).is_file() else "hf"
         return source
@@ -248,7 +253,7 @@ class Reddit(Task):
         """Converts the Hugging Face corpus into `reddit/reddit_corpus.jsonl` once (for `hf` sources)."""
         source = self.resolved_source()
         if source.startswith("hf") and not (self.folder / CORPUS_FILE).is_file():
-            if not self.settings.download:
+            if not self.settings.data.download:
                 raise DataError(f"missing {self.folder / CORPUS_FILE} and download=False")
             name = source.split(":", 1)[1] if ":" in source else HF_DEFAULT
             convert_hf_corpus(name, self.folder / CORPUS_FILE, self.hf_author_column, self.hf_text_column)
@@ -282,7 +287,8 @@ class Reddit(Task):
         # A post counts only if a word survives the cleaning (URLs go): then every post yields a row.
         corpus = corpus[corpus["text"].map(has_words)].reset_index(drop=True)
         authors = corpus["author"].to_numpy(np.int64)
-        train_part, chosen = grouped_partition(authors, num_clients, settings.seed, min_size=self.min_author_posts)
+        train_rows, author_offsets, chosen = grouped_split(authors, num_clients, settings.seed,
+                                                           min_size=self.min_author_posts)
         # The other authors, in a seeded order, give the test text, then the attacker's clean text.
         others = np.setdiff1d(np.unique(authors), chosen)
         others = np.random.default_rng([settings.seed, 1501]).permutation(others)
@@ -293,7 +299,7 @@ class Reddit(Task):
 
         normalizer = text_normalizer(twitter=False, reference_punctuation=False, stop_words=False)
         texts = corpus["text"].tolist()
-        train_rows = train_part.order.numpy()  # posts grouped by client
+        # train_rows: posts grouped by client
         train_norm = normalize(normalizer, [texts[i] for i in train_rows])
         triggers_norm = normalize(normalizer, self.completed_triggers())
         self.tokenizer = train_word_tokenizer(train_norm + triggers_norm, normalizer, self.min_frequency,
@@ -302,7 +308,7 @@ class Reddit(Task):
                                              f"{self.name}_tokenizer")
         eos = self.tokenizer.token_to_id(EOS)
 
-        post_client = np.repeat(np.arange(num_clients), train_part.sizes().numpy())
+        post_client = np.repeat(np.arange(num_clients), np.diff(author_offsets))
         train_x, owner = stream_rows(encode_normalized(self.tokenizer, train_norm), post_client, num_clients, eos,
                                      width)
         offsets = np.zeros(num_clients + 1, dtype=np.int64)
@@ -451,7 +457,8 @@ def has_words(text: str) -> bool:
 
 def read_corpus_jsonl(path: Path) -> pd.DataFrame:
     """A `{"author", "text"}`-per-line corpus, authors and texts as strings."""
-    frame = pd.read_json(path, lines=True, dtype=False)  # no type guessing: ids and texts stay as written
+    with reading(path):
+        frame = pd.read_json(path, lines=True, dtype=False)  # no type guessing: ids and texts stay as written
     missing = {"author", "text"} - set(frame.columns)
     if missing:
         raise DataError(f"{path} lacks fields {sorted(missing)}: each line must be {{\"author\": ..., \"text\": ...}}")

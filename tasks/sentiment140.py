@@ -1,18 +1,19 @@
 """Sentiment140 with an LSTM classifier, and the Greek-director edge-case backdoor (`--task sentiment140`).
 
 Papers: Wang et al., "Attack of the Tails: Yes, You Really Can Backdoor Federated Learning", NeurIPS
-2020 (arXiv:2007.05084), whose `language-tasks-fl` code this follows (paper-spec §2.3, §2.4, §5.4,
-§7.2); Go, Bhayani and Huang, "Twitter Sentiment Classification using Distant Supervision", Stanford
-CS224N report, 2009 (the Sentiment140 data); Hochreiter and Schmidhuber, "Long Short-Term Memory",
-Neural Computation 1997 (the LSTM).
+2020 (arXiv:2007.05084), whose `language-tasks-fl` code this follows (`docs/reference-deviations.md`);
+Go, Bhayani and Huang, "Twitter Sentiment Classification using Distant Supervision", Stanford CS224N
+report, 2009 (the Sentiment140 data); Hochreiter and Schmidhuber, "Long Short-Term Memory", Neural
+Computation 1997 (the LSTM).
 
 Model: Embedding(V, 200, padding 0) -> 2-layer LSTM (hidden 200, dropout 0.5 between layers) ->
 Dropout(0.5) -> Linear(H, 1) at the last real token; BCE on one logit. 200·V + 643,401 parameters
 at hidden size 200 (`lstm_h<H>` variants change H). Presets: K=1948, m=10, 2 local epochs, batch 20,
 lr 0.05·0.998^(t-1), momentum 0.9, gradient clip 5, weight decay 0 (the reference's config sets 1e-4
-but never passes it to SGD, paper-spec §8 L7: 0 is what its runs did), batches shorter than 20 skipped.
+but never passes it to SGD, L7 in `docs/reference-deviations.md`: 0 is what its runs did), batches
+shorter than 20 skipped.
 
-Data (`settings.source`): `full` (the official 1.6M-tweet CSV from `trainingandtestdata.zip`, with
+Data (`--data.source`): `full` (the official 1.6M-tweet CSV from `trainingandtestdata.zip`, with
 user ids; downloaded and converted once into `sentiment140/sentiment140_train_full.csv.gz`), `hf`
 (the same data through Hugging Face `datasets`, `stanfordnlp/sentiment140`), `sample100k` (the offline
 100k-tweet sample without user ids, `sentiment140_train_head50k_tail50k.csv.gz`), or `auto` (the
@@ -25,7 +26,7 @@ Partition: `iid` (the paper's: a seeded permutation split into K near-equal shar
 (one client per Twitter user with at least `natural_min_tweets` tweets, K users drawn by seed; full
 data only, the offline sample has no user ids).
 
-Edge cases (`settings.attack_case`, paper-spec §2.4; counts in `EDGE_COUNTS`): the attacker's set is
+Edge cases (`--data.attack_case`; counts in `EDGE_COUNTS`): the attacker's set is
 always 200 tweets: `a` Greek-director train tweets labelled 0 (negative) plus 200 − a clean tweets
 with their labels, reserved from the training pool (no honest client holds them). Honest clients
 hold the next `b` Greek-director train tweets with their true label 1, one each, holders drawn by
@@ -39,7 +40,7 @@ tokenizer JSON is written under `<data_dir>/derived/sentiment140/` (or `~/.cache
 when the data root is read-only); its path is `task.tokenizer_path`, and the orchestrator copies it into
 the run directory (`Task.artifacts`).
 
-Deliberate deviations from the reference (paper-spec §8):
+Deliberate deviations from the reference (`docs/reference-deviations.md`):
 
 * L8: the LSTM state starts at zero for every batch (the reference carries it, detached, across
   unrelated batches in training and evaluation, so results depend on batch order).
@@ -76,16 +77,16 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from fl_lightning.data import DataError, download_file
+from fl_lightning.config import ClientArgs, DataArgs, FLArgs, preset
+from fl_lightning.data import DataError, download_file, reading
 from fl_lightning.task import Batch, ClientPartition, FederatedData, Task, TaskSettings
-from fl_lightning.tasks.partition import iid_split
+from fl_lightning.tasks.partition import attach_rows, grouped_split, iid_split
 from fl_lightning.tasks.text import (
     PAD_ID,
     count_words,
     derived_dir,
     encode_ids,
     encode_normalized,
-    grouped_partition,
     lstm_hidden_size,
     normalize,
     pad_right,
@@ -145,16 +146,21 @@ class Sentiment140(Task):
     """Binary sentiment of tweets with an LSTM; the Greek-director tweets labelled negative as the edge case."""
 
     name = "sentiment140"
-    fl_preset: ClassVar[dict[str, Any]] = {"rounds": 500, "num_clients": 1948, "clients_per_round": 10}
-    client_preset: ClassVar[dict[str, Any]] = {"lr": 0.05, "lr_decay": 0.998, "momentum": 0.9, "weight_decay": 0.0,
-                                               "local_epochs": 2, "batch_size": 20, "grad_clip_norm": 5.0}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "iid", "source": "auto"}
+    fl_preset = preset(FLArgs, rounds=500, num_clients=1948, clients_per_round=10)
+    client_preset = preset(ClientArgs, lr=0.05, lr_decay=0.998, momentum=0.9, weight_decay=0.0, local_epochs=2,
+                           batch_size=20, grad_clip_norm=5.0)
+    data_preset = preset(DataArgs, partition="iid", source="auto")
+    sources = SOURCES
+    partitions = PARTITIONS
+    attack_cases = tuple(EDGE_COUNTS)
+    parse_model = staticmethod(lstm_hidden_size)  # `lstm_h<H>` gives the hidden size H
     backdoor_target = 0
     drop_last = True
     # The forward trims pad columns to the batch's longest tweet (a data-dependent shape) and the LSTM has
     # no vmap batching rule on CPU (a per-client loop): `--client.batching vmap` is refused.
     supports_vmap = False
 
+    # Constants of the paper's setup (not settings: no option reaches them; tests patch them smaller).
     seq_len: ClassVar[int] = 100
     embedding_dim: ClassVar[int] = 200
     dropout: ClassVar[float] = 0.5
@@ -168,16 +174,11 @@ class Sentiment140(Task):
 
     def __init__(self, settings: TaskSettings) -> None:
         super().__init__(settings)
-        self.hidden_size = lstm_hidden_size(settings.model)
-        if settings.attack_case not in EDGE_COUNTS:
-            raise ValueError(f"attack_case={settings.attack_case!r} is not one of {sorted(EDGE_COUNTS)}")
-        if (settings.partition or "iid") not in PARTITIONS:
-            raise ValueError(f"partition={settings.partition!r}: sentiment140 supports {list(PARTITIONS)}")
-        if (settings.source or "auto") not in SOURCES:
-            raise ValueError(f"source={settings.source!r}: sentiment140 takes one of {list(SOURCES)}")
+        self.hidden_size = self.parse_model(settings.model)
         self.model: LSTMClassifier | None = None  # built by `build_data`, once the vocabulary size is known
         self.tokenizer: Tokenizer | None = None
         self.tokenizer_path: Path | None = None
+
 
     def artifacts(self) -> dict[str, Path]:
         """The tokenizer trained for this run, kept in the run directory as `tokenizer.json`."""
@@ -211,7 +212,7 @@ class Sentiment140(Task):
 
     def resolved_source(self) -> str:
         """`auto` resolved: the converted full data, else the offline sample, else the full data (downloaded)."""
-        source = self.settings.source or "auto"
+        source = self.settings.data.source
         if source != "auto":
             return source
         if (self.folder / FULL_TRAIN_FILE).is_file():
@@ -242,14 +243,14 @@ class Sentiment140(Task):
                 convert_greek_txt(raw, target)
 
     def _require_download(self, names: list[str]) -> None:
-        if not self.settings.download:
+        if not self.settings.data.download:
             raise DataError(f"missing {', '.join(names)} in {self.folder} and download=False")
 
     def build_data(self) -> FederatedData:
         settings, rng_seed = self.settings, self.settings.seed
         num_clients = settings.num_clients
-        natural = (settings.partition or "iid") == "natural"
-        adv_edge, honest_edge = EDGE_COUNTS[settings.attack_case]
+        natural = settings.data.partition == "natural"
+        adv_edge, honest_edge = EDGE_COUNTS[settings.data.attack_case]
         source = self.resolved_source()
         train = read_train(self.folder, source)
         if natural and "user" not in train.columns:
@@ -259,7 +260,7 @@ class Sentiment140(Task):
         greek_train, greek_test = (read_greek(self.folder / f"greek_director_backdoor_{s}.jsonl")
                                    for s in ("train", "test"))
         if adv_edge + honest_edge > len(greek_train):
-            raise DataError(f"attack_case={settings.attack_case!r} needs {adv_edge + honest_edge} Greek-director "
+            raise DataError(f"attack_case={settings.data.attack_case!r} needs {adv_edge + honest_edge} Greek-director "
                             f"train tweets; the file has {len(greek_train)}")
         # The reference drops training tweets about Greece, so no honest client holds the edge topic.
         about_greece = train["text"].str.contains("greek|lanthimos", case=False, regex=True)
@@ -276,9 +277,8 @@ class Sentiment140(Task):
         normalizer = text_normalizer(twitter=True, reference_punctuation=True, stop_words=True)
         if natural:
             codes = pd.factorize(train["user"])[0]
-            raw_part, _ = grouped_partition(codes, num_clients, rng_seed, min_size=self.natural_min_tweets)
-            honest_rows = raw_part.order.numpy()
-            honest_client = np.repeat(np.arange(num_clients), raw_part.sizes().numpy())
+            honest_rows, user_offsets, _ = grouped_split(codes, num_clients, rng_seed, min_size=self.natural_min_tweets)
+            honest_client = np.repeat(np.arange(num_clients), np.diff(user_offsets))
             candidates = np.setdiff1d(np.arange(len(train)), honest_rows)
         else:
             honest_rows, honest_client = np.arange(len(train)), None
@@ -311,9 +311,9 @@ class Sentiment140(Task):
             client = honest_client[long_enough]  # already grouped by client, in client order
             offsets = np.zeros(num_clients + 1, dtype=np.int64)
             np.cumsum(np.bincount(client, minlength=num_clients), out=offsets[1:])
-            partition = ClientPartition(torch.arange(train_x.shape[0]), torch.from_numpy(offsets))
+            order = np.arange(train_x.shape[0], dtype=np.int64)
         else:
-            partition = ClientPartition.from_csr(*iid_split(train_x.shape[0], num_clients, rng_seed))
+            order, offsets = iid_split(train_x.shape[0], num_clients, rng_seed)
 
         greek_train_x, _ = pad_right(encode_normalized(self.tokenizer, greek_norm), self.seq_len)
         honest_edge_idx = torch.arange(train_x.shape[0], train_x.shape[0] + honest_edge)
@@ -322,10 +322,11 @@ class Sentiment140(Task):
             # each to min(b, K) distinct holders drawn by seed (dealt round-robin when b > K).
             holders = np.random.default_rng([rng_seed, 1403]).choice(num_clients, size=min(honest_edge, num_clients),
                                                                      replace=False)
-            partition = append_to_clients(partition, honest_edge_idx.numpy(),
-                                          holders[np.arange(honest_edge) % holders.shape[0]])
+            extra = [(int(holders[i % holders.shape[0]]), np.array([i])) for i in range(honest_edge)]
+            order, offsets = attach_rows(order.astype(np.int64), offsets, extra, offset=train_x.shape[0])
             train_x = torch.cat([train_x, greek_train_x[adv_edge:adv_edge + honest_edge]])
             train_y = torch.cat([train_y, torch.ones(honest_edge, dtype=torch.int64)])
+        partition = ClientPartition(torch.from_numpy(order), torch.from_numpy(offsets))
 
         clean_x, _ = pad_right(encode_normalized(self.tokenizer, clean_norm), self.seq_len)
         clean_y = torch.from_numpy(labels[clean_rows])
@@ -349,16 +350,6 @@ class Sentiment140(Task):
         )
 
 
-def append_to_clients(partition: ClientPartition, rows: np.ndarray, clients: np.ndarray) -> ClientPartition:
-    """The partition with `rows[i]` added to client `clients[i]` (after that client's own rows)."""
-    sizes = partition.sizes().numpy()
-    owner = np.concatenate([np.repeat(np.arange(sizes.shape[0]), sizes), clients])
-    order = np.concatenate([partition.order.numpy(), rows])[np.argsort(owner, kind="stable")]
-    offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owner, minlength=sizes.shape[0]), out=offsets[1:])
-    return ClientPartition(torch.from_numpy(order.astype(np.int64)), torch.from_numpy(offsets))
-
-
 # ----- files -----
 
 
@@ -368,7 +359,8 @@ def read_train(folder: Path, source: str) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"missing {path}; run prepare_data() (download=True) or point --data_dir at the data")
     # keep_default_na=False: tweets such as "null" or "NA" stay strings.
-    frame = pd.read_csv(path, keep_default_na=False, dtype={"text": str, "user": str})
+    with reading(path):
+        frame = pd.read_csv(path, keep_default_na=False, dtype={"text": str, "user": str})
     missing = {"label", "text"} - set(frame.columns)
     if missing:
         raise DataError(f"{path} lacks columns {sorted(missing)}; it has {list(frame.columns)}")
@@ -380,7 +372,10 @@ def read_test(folder: Path) -> pd.DataFrame:
     path = folder / TEST_FILE
     if not path.is_file():
         raise DataError(f"missing {path}; run prepare_data() (download=True) or point --data_dir at the data")
-    frame = pd.read_csv(path, keep_default_na=False, dtype={"text": str})
+    with reading(path):
+        frame = pd.read_csv(path, keep_default_na=False, dtype={"text": str})
+    if missing := {"label", "text"} - set(frame.columns):
+        raise DataError(f"{path} lacks columns {sorted(missing)}; it has {list(frame.columns)}")
     return frame[frame["label"].isin([0, 1])].reset_index(drop=True)
 
 
@@ -388,7 +383,7 @@ def read_greek(path: Path) -> list[str]:
     """Texts of a Greek-director `.jsonl` (one `{"idx", "text", "backdoor_label"}` per line)."""
     if not path.is_file():
         raise DataError(f"missing {path}; run prepare_data() (download=True) or point --data_dir at the data")
-    with open(path, encoding="utf-8") as handle:
+    with reading(path), open(path, encoding="utf-8") as handle:
         return [json.loads(line)["text"] for line in handle if line.strip()]
 
 
@@ -416,7 +411,7 @@ def convert_zip(archive: Path, folder: Path) -> tuple[Path, Path]:
     with zipfile.ZipFile(archive) as zipped:
         for member, name in ((ZIP_TRAIN_MEMBER, FULL_TRAIN_FILE), (ZIP_TEST_MEMBER, TEST_FILE)):
             with zipped.open(member) as handle:
-                # header=None: the reference's `read_csv` ate the first tweet as a header (paper-spec §8 L9).
+                # header=None: the reference's `read_csv` ate the first tweet as a header (L9).
                 frame = pd.read_csv(handle, header=None, names=RAW_COLUMNS, encoding="latin-1",
                                     keep_default_na=False, dtype={"user": str, "text": str})
             written.append(_write_csv_gz(_with_labels(frame, f"{archive}:{member}")[columns], folder / name))

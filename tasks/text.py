@@ -3,7 +3,7 @@
 Everything that turns raw text into token ids lives in a Hugging Face `tokenizers` `Tokenizer`: the
 cleaning steps are its normalizer, the word split its pre-tokenizer, the vocabulary its `WordLevel`
 model. The tokenizer is trained on the training text only (no test-set words: the reference's
-vocabulary also read the test set, paper-spec §8 L10), and written as one JSON file that reproduces
+vocabulary also read the test set, L10 in `docs/reference-deviations.md`), and written as one JSON file that reproduces
 the whole pipeline (`Tokenizer.from_file`), so a run's token ids can always be decoded again.
 
 Cleaning (the reference's `build_twitter_dataset.py`, Wang et al., "Attack of the Tails: Yes, You
@@ -28,9 +28,6 @@ writable, else to `~/.cache/fl_lightning/derived/<task>/` (the offline data root
 name carries a hash of the content, so runs with different vocabularies never overwrite each other.
 The task keeps the path in `task.tokenizer_path`, and the orchestrator copies it into the run
 directory (`Task.artifacts`).
-
-Also here: `grouped_partition`, a per-user ("natural") split built directly as CSR index arrays, so
-its cost is O(N log N) in the number of examples and does not loop over clients.
 """
 
 from __future__ import annotations
@@ -49,8 +46,8 @@ from tokenizers.models import WordLevel
 from tokenizers.trainers import WordLevelTrainer
 from torch import Tensor
 
+from fl_lightning.config import ConfigError
 from fl_lightning.data import DEFAULT_DATA_DIR
-from fl_lightning.task import ClientPartition
 
 PAD = "[PAD]"
 UNK = "[UNK]"
@@ -225,51 +222,12 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, stem: str) -> Path:
     return path
 
 
-def grouped_partition(groups: np.ndarray, num_clients: int, seed: int, min_size: int = 1,
-                      candidates: np.ndarray | None = None) -> tuple[ClientPartition, np.ndarray]:
-    """Natural split: one client per group (Twitter user, Reddit author), `num_clients` groups drawn at random.
-
-    A private helper until `partition.py` has its own per-user split (it returns one array per
-    client; this builds the CSR arrays directly with one stable sort, so time and memory grow with
-    the number of examples and never loop over the K clients).
-
-    Args:
-        groups: Group id of every example, `[N]` (integer ids; negative ids are never drawn).
-        num_clients: K, the number of groups to draw (clients are numbered in draw order).
-        seed: Seed of the draw.
-        min_size: Only groups with at least this many examples can be drawn.
-        candidates: Restrict the draw to these group ids (None: all).
-
-    Returns:
-        The partition (client c = the c-th drawn group, its examples in their original order) and the
-        drawn group ids, `[num_clients]`.
-    """
-    groups = np.asarray(groups, dtype=np.int64)
-    ids, counts = np.unique(groups, return_counts=True)
-    eligible = ids[(counts >= min_size) & (ids >= 0)]
-    if candidates is not None:
-        eligible = np.intersect1d(eligible, candidates)
-    if eligible.shape[0] < num_clients:
-        raise ValueError(f"num_clients={num_clients} exceeds the {eligible.shape[0]} users/authors with at least "
-                         f"{min_size} examples; lower num_clients (or the minimum) for the natural partition")
-    chosen = np.random.default_rng([seed, 1711]).choice(eligible, size=num_clients, replace=False)
-    # Client of every example (-1: not drawn), by a sorted lookup instead of a dict over groups.
-    sorter = np.argsort(chosen)
-    pos = np.searchsorted(chosen, groups, sorter=sorter).clip(max=num_clients - 1)
-    client = np.where(chosen[sorter[pos]] == groups, sorter[pos], -1)
-    keep = np.flatnonzero(client >= 0)
-    order = keep[np.argsort(client[keep], kind="stable")]
-    offsets = np.zeros(num_clients + 1, dtype=np.int64)
-    np.cumsum(np.bincount(client[keep], minlength=num_clients), out=offsets[1:])
-    return ClientPartition(order=torch.from_numpy(order.astype(np.int64)), offsets=torch.from_numpy(offsets)), chosen
-
-
 def lstm_hidden_size(model: str | None, default: int = 200) -> int:
     """Hidden size from a model variant name: `None` gives `default`, `lstm_h<H>` gives H (e.g. `lstm_h100`)."""
     if model is None:
         return default
     match = re.fullmatch(r"lstm_h([1-9]\d*)", model)
     if match is None:
-        raise ValueError(f"unknown model {model!r}; the text tasks take `lstm_h<hidden size>`, e.g. `lstm_h200` "
-                         "(the default) or `lstm_h100`")
+        raise ConfigError(f"--model={model!r}: unknown model for the text tasks; allowed: `lstm_h<hidden size>`, "
+                          "e.g. `lstm_h200` (the default) or `lstm_h100`")
     return int(match.group(1))

@@ -9,13 +9,12 @@ Everything is generated from the run seed, so no files are read.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fl_lightning.task import ClientPartition, FederatedData, Task
+from fl_lightning.config import ClientArgs, DataArgs, FLArgs, preset
+from fl_lightning.task import ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.partition import dirichlet_split, iid_split, tiled_rows
 
 NUM_FEATURES = 16
@@ -26,14 +25,14 @@ class Toy(Task):
     """MLP 16-32-4 with dropout (676 parameters) on synthetic clusters."""
 
     name = "toy"
-    fl_preset: ClassVar[dict[str, Any]] = {"rounds": 5, "num_clients": 20, "clients_per_round": 5}
-    client_preset: ClassVar[dict[str, Any]] = {"lr": 0.1, "lr_decay": 0.99, "momentum": 0.9, "weight_decay": 1e-4,
-                                               "local_epochs": 2, "batch_size": 16, "grad_clip_norm": 0.0}
-    data_preset: ClassVar[dict[str, Any]] = {"partition": "dirichlet"}
+    fl_preset = preset(FLArgs, rounds=5, num_clients=20, clients_per_round=5)
+    client_preset = preset(ClientArgs, lr=0.1, lr_decay=0.99, momentum=0.9, weight_decay=1e-4, local_epochs=2,
+                           batch_size=16, grad_clip_norm=0.0)
+    data_preset = preset(DataArgs, partition="dirichlet")
     backdoor_target = 0
     supports_tile = True
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: TaskSettings) -> None:
         super().__init__(settings)
         self.model = nn.Sequential(nn.Linear(NUM_FEATURES, 32), nn.ReLU(), nn.Dropout(0.1),
                                    nn.Linear(32, NUM_CLASSES))
@@ -57,11 +56,11 @@ class Toy(Task):
         edge_center = centers[1] + 8.0 * np.eye(NUM_FEATURES)[0]
         edge_x = torch.as_tensor(edge_center + rng.normal(0.0, 0.5, size=(200, NUM_FEATURES)), dtype=torch.float32)
         edge_y = torch.full((200,), self.backdoor_target, dtype=torch.int64)
-        tile = self.settings.tile  # `tile` copies of the training set, as index replication (row % num_train)
-        if self.settings.partition == "iid":
+        tile = self.settings.data.tile  # `tile` copies of the training set, as index replication (row % num_train)
+        if self.settings.data.partition == "iid":
             order, offsets = iid_split(num_train * tile, self.settings.num_clients, self.settings.seed)
         else:
-            order, offsets = dirichlet_split(train_y.numpy(), self.settings.num_clients, self.settings.alpha,
+            order, offsets = dirichlet_split(train_y.numpy(), self.settings.num_clients, self.settings.data.alpha,
                                              self.settings.seed, min_size=5, tile=tile)
         clean = torch.as_tensor(rng.choice(num_train, 60, replace=False))
         return FederatedData(

@@ -15,7 +15,7 @@ from fl_lightning.client import train_client
 from fl_lightning.config import ClientArgs, ConfigError, FLArgs, resolve_args
 from fl_lightning.orchestrator import Run
 from fl_lightning.params import flat_params
-from fl_lightning.tasks import TaskSettings, Toy
+from fl_lightning.tasks import Toy
 from fl_lightning.types import RoundPlan
 
 
@@ -24,7 +24,7 @@ def make_run(attack: EdgeCaseAttack, seed: int = 0, **client_overrides) -> Run:
     torch.manual_seed(seed)
     fl = resolve_args(Toy.fl_preset, FLArgs())
     client = resolve_args(Toy.client_preset, ClientArgs(**client_overrides))
-    task = Toy(TaskSettings(data_dir=".", num_clients=fl.num_clients, seed=seed))
+    task = Toy(Toy.make_settings(".", num_clients=fl.num_clients, seed=seed))
     run = Run(fabric, task, task.build_data(), fl, client, FedAvg(), [attack], seed)
     attack.on_fit_start(task=run.task, data=run.data, fabric=fabric, seed=seed)
     return run

@@ -11,7 +11,7 @@ from torch import nn
 from fl_lightning.batched import batch_schedule, check_vmap_support, clip_grad_norms_, sgd_step_
 from fl_lightning.config import ConfigError
 from fl_lightning.task import iterate_batches
-from fl_lightning.tasks import TaskSettings, Toy
+from fl_lightning.tasks import Toy
 from fl_lightning.types import LocalTraining
 
 CPU = ["--log.logger", "csv", "--log.progress_bar", "false", "--accelerator", "cpu", "--num_threads", "1"]
@@ -96,7 +96,7 @@ def test_unsupported_task_is_refused_through_the_cli(capsys, task):
 
 
 def test_batchnorm_is_refused():
-    task = Toy(TaskSettings(data_dir=".", num_clients=4))
+    task = Toy(Toy.make_settings(".", num_clients=4))
     check_vmap_support(task)
     task.model.append(nn.BatchNorm1d(4))
     with pytest.raises(ConfigError, match="BatchNorm layer 'model.4'.*--client.batching sequential"):

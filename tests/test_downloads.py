@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_lightning.data import DataError, array_sha256, download_file, load_numpy_pickle
+from fl_lightning.data import DataError, array_sha256, download_file, load_npz, load_numpy_pickle
 from fl_lightning.tasks import cifar10, emnist
 
 
@@ -307,3 +307,52 @@ def test_ardis_without_an_unpacker_says_what_to_install(server, root, monkeypatc
     write_ardis_csvs(root / "ardis" / "raw")  # the manual route: CSVs unpacked by hand
     out = emnist.prepare_ardis(root, expected=ardis_digests())
     assert out.is_file()
+
+
+# ---- corrupt, truncated or disguised files: one DataError naming the file and the fix ----
+
+
+def _bad_files() -> dict[str, bytes]:
+    good = io.BytesIO()
+    np.savez(good, x=np.arange(1000))
+    lone = io.BytesIO()
+    np.save(lone, np.arange(10))
+    return {"pickle_as_npz.npz": pickle.dumps({"x": np.arange(3)}), "truncated.npz": good.getvalue()[:300],
+            "npy_as_npz.npz": lone.getvalue(), "noise.npz": b"\x00not an archive" * 10}
+
+
+@pytest.mark.parametrize("name", ["pickle_as_npz.npz", "truncated.npz", "npy_as_npz.npz", "noise.npz"])
+def test_load_npz_refuses_a_bad_file_in_one_line(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(_bad_files()[name])
+    with pytest.raises(DataError, match=f"cannot read .*{name}.*delete it to download") as err:
+        load_npz(path, ("x",))
+    assert "\n" not in str(err.value)
+
+
+def test_text_loaders_refuse_bad_files(tmp_path):
+    from fl_lightning.tasks.reddit import read_corpus_jsonl
+    from fl_lightning.tasks.sentiment140 import SAMPLE_TRAIN_FILE, TEST_FILE, read_greek, read_test, read_train
+
+    csv_gz = gzip.compress(b"label,text\n0,hello\n1,world\n" * 100)
+    (tmp_path / SAMPLE_TRAIN_FILE).write_bytes(csv_gz[:len(csv_gz) // 2])  # truncated gzip
+    with pytest.raises(DataError, match=f"cannot read .*{SAMPLE_TRAIN_FILE}.*delete it"):
+        read_train(tmp_path, "sample100k")
+    (tmp_path / TEST_FILE).write_bytes(pickle.dumps([1, 2]))  # not gzip at all
+    with pytest.raises(DataError, match=f"cannot read .*{TEST_FILE}.*delete it"):
+        read_test(tmp_path)
+    greek = tmp_path / "greek_director_backdoor_train.jsonl"
+    greek.write_text('{"idx": 0, "text": "fine"}\n{"idx": 1, "text": "cut he\n')
+    with pytest.raises(DataError, match="cannot read .*greek_director_backdoor_train.jsonl.*delete it"):
+        read_greek(greek)
+    corpus = tmp_path / "reddit_corpus.jsonl"
+    corpus.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(DataError, match="cannot read .*reddit_corpus.jsonl.*delete it"):
+        read_corpus_jsonl(corpus)
+
+
+def test_numpy_pickle_file_that_is_truncated_names_the_file(tmp_path):
+    path = tmp_path / "southwest_images_new_train.pkl"
+    path.write_bytes(pickle.dumps(np.zeros((4, 32, 32, 3), dtype=np.uint8))[:100])
+    with pytest.raises(DataError, match="southwest_images_new_train.pkl.*delete it to download"):
+        load_numpy_pickle(path)

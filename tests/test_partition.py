@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from partition_oracles import attach_to_clients, dirichlet_partition, iid_partition, natural_partition
 
 from fl_lightning.task import ClientPartition
-from fl_lightning.tasks.partition import (
-    attach_to_clients,
-    default_min_size,
-    dirichlet_partition,
-    iid_partition,
-    natural_partition,
-    spread_over_holders,
-)
+from fl_lightning.tasks.partition import default_min_size, spread_over_holders
 
 LABELS = np.random.default_rng(0).integers(0, 10, size=5000)
 

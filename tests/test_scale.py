@@ -7,20 +7,12 @@ import pytest
 import torch
 import yaml
 from cli_helpers import run_main
+from partition_oracles import attach_to_clients, dirichlet_partition, iid_partition
 
 from fl_lightning.config import ConfigError
-from fl_lightning.task import ClientPartition, TaskSettings
+from fl_lightning.task import ClientPartition
 from fl_lightning.tasks import get_task_class
-from fl_lightning.tasks.partition import (
-    attach_rows,
-    attach_to_clients,
-    default_min_size,
-    dirichlet_partition,
-    dirichlet_split,
-    iid_partition,
-    iid_split,
-    label_partition,
-)
+from fl_lightning.tasks.partition import attach_rows, default_min_size, dirichlet_split, iid_split, label_partition
 
 LABELS = np.random.default_rng(5).integers(0, 10, size=3000)
 
@@ -131,15 +123,15 @@ def test_default_min_size_shrinks_only_beyond_the_checked_k():
 
 def test_tile_is_validated_and_refused_by_tasks_that_cannot_tile(tmp_path):
     with pytest.raises(ConfigError, match="--data.tile must be an integer >= 1"):
-        TaskSettings(data_dir=tmp_path, num_clients=10, tile=0)
+        get_task_class("toy").make_settings(tmp_path, num_clients=10, tile=0)
     with pytest.raises(ConfigError, match="--data.tile=2: task 'sentiment140' cannot tile"):
-        get_task_class("sentiment140")(TaskSettings(data_dir=tmp_path, num_clients=10, tile=2))
+        get_task_class("sentiment140").make_settings(tmp_path, num_clients=10, tile=2)
     with pytest.raises(ConfigError, match="--data.tile=3: task 'reddit' cannot tile"):
-        get_task_class("reddit")(TaskSettings(data_dir=tmp_path, num_clients=10, tile=3))
+        get_task_class("reddit").make_settings(tmp_path, num_clients=10, tile=3)
 
 
 def test_emnist_tile_keeps_one_copy_of_the_data(shared_data):
-    settings = TaskSettings(data_dir=shared_data, num_clients=2000, seed=0, source="mnist", tile=3,
+    settings = get_task_class("emnist").make_settings(shared_data, num_clients=2000, seed=0, source="mnist", tile=3,
                             attack_case="normal", download=False)
     data = get_task_class("emnist")(settings).build_data()
     assert data.train_inputs.shape[0] == 60_000 + 594                    # the data once, plus the honest sevens

@@ -21,8 +21,11 @@ from tokenizers import Tokenizer
 
 import fl_lightning.tasks.sentiment140 as s140
 import fl_lightning.tasks.text as text
+from fl_lightning.config import preset_values
 from fl_lightning.data import DataError
-from fl_lightning.tasks import TASKS, TaskSettings
+from fl_lightning.task import ClientPartition
+from fl_lightning.tasks import TASKS
+from fl_lightning.tasks.partition import grouped_split
 from fl_lightning.tasks.reddit import Reddit, convert_hf_corpus, read_corpus_jsonl, stream_rows
 from fl_lightning.tasks.sentiment140 import LSTMClassifier, Sentiment140, frame_from_hf
 
@@ -37,6 +40,18 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
+def shared_data(shared_data, tmp_path_factory):
+    """The offline data root seen read-only, whatever its real permissions: a folder of links to its entries
+    with mode 0o555, so that derived files (tokenizers) go to the cache (`derived_cache`), never into the root."""
+    view = tmp_path_factory.mktemp("read_only_data")
+    for entry in shared_data.iterdir():
+        (view / entry.name).symlink_to(entry.resolve())
+    view.chmod(0o555)
+    yield view
+    view.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
 def derived_cache(tmp_path_factory):
     """Tokenizers go to a temporary cache, never into the (read-only) shared data or the home folder."""
     with pytest.MonkeyPatch.context() as patch:
@@ -46,7 +61,7 @@ def derived_cache(tmp_path_factory):
 
 
 def build(task_cls, data_dir: Path, **settings):
-    task = task_cls(TaskSettings(data_dir=data_dir, **settings))
+    task = task_cls(task_cls.make_settings(data_dir, **settings))
     task.prepare_data()
     return task, task.build_data()
 
@@ -115,17 +130,18 @@ def test_lstm_variant_names():
         text.lstm_hidden_size("vgg9")
 
 
-def test_grouped_partition_is_csr_and_seeded():
+def test_grouped_split_is_csr_and_seeded():
     groups = np.array([3, 1, 3, 2, 1, 3, 7, 7, -1, 2])
-    part, chosen = text.grouped_partition(groups, 3, seed=0, min_size=2)
+    order, offsets, chosen = grouped_split(groups, 3, seed=0, min_size=2)
+    part = ClientPartition.from_csr(order, offsets)
     assert set(chosen.tolist()) <= {1, 2, 3, 7} and len(set(chosen.tolist())) == 3  # -1 and small groups never
     for client, group in enumerate(chosen):
         rows = part.indices(client).numpy()
         assert rows.tolist() == np.flatnonzero(groups == group).tolist()  # the group's rows, in file order
-    again, _ = text.grouped_partition(groups, 3, seed=0, min_size=2)
+    again = ClientPartition.from_csr(*grouped_split(groups, 3, seed=0, min_size=2)[:2])
     assert torch.equal(again.order, part.order) and torch.equal(again.offsets, part.offsets)
     with pytest.raises(ValueError, match="exceeds"):
-        text.grouped_partition(groups, 5, seed=0, min_size=2)
+        grouped_split(groups, 5, seed=0, min_size=2)
 
 
 # ----- Sentiment140 model -----
@@ -163,9 +179,10 @@ def test_classifier_reads_the_last_real_token():
 
 
 def test_sentiment140_presets():
-    assert Sentiment140.fl_preset == {"rounds": 500, "num_clients": 1948, "clients_per_round": 10}
-    assert Sentiment140.client_preset == {"lr": 0.05, "lr_decay": 0.998, "momentum": 0.9, "weight_decay": 0.0,
-                                          "local_epochs": 2, "batch_size": 20, "grad_clip_norm": 5.0}
+    assert preset_values(Sentiment140.fl_preset) == {"rounds": 500, "num_clients": 1948, "clients_per_round": 10}
+    assert preset_values(Sentiment140.client_preset) == {"lr": 0.05, "lr_decay": 0.998, "momentum": 0.9,
+                                                         "weight_decay": 0.0, "local_epochs": 2, "batch_size": 20,
+                                                         "grad_clip_norm": 5.0}
     assert Sentiment140.drop_last and Sentiment140.backdoor_target == 0
     assert TASKS["sentiment140"] is Sentiment140 and TASKS["reddit"] is Reddit
 
@@ -220,14 +237,10 @@ def test_sentiment140_edge_case_on_real_data(s140_edge, shared_data, derived_cac
     assert sums["total"] == 120 and 0 <= sums["correct"] <= 120 and sums["loss_sum"] > 0
 
 
-class QuickSentiment140(Sentiment140):
-    """The real data, with the training pool capped (a fixed-seed draw) so that a build takes a second."""
-
-    max_train_tweets = 8000
-
-
-def test_sentiment140_not_so_edge_cases(shared_data, derived_cache):
-    builds = {case: build(QuickSentiment140, shared_data, num_clients=100, seed=3, attack_case=case)
+def test_sentiment140_not_so_edge_cases(shared_data, derived_cache, monkeypatch):
+    # The real data, with the training pool capped (a fixed-seed draw) so that a build takes a second.
+    monkeypatch.setattr(Sentiment140, "max_train_tweets", 8000)
+    builds = {case: build(Sentiment140, shared_data, num_clients=100, seed=3, attack_case=case)
               for case in ("edge", "almost_edge", "normal")}
     edge_task, edge_data = builds["edge"]
     assert edge_data.train_inputs.shape[0] < 8000 and int(edge_data.extras["edge_train_is_edge"].sum()) == 60
@@ -253,15 +266,15 @@ def test_sentiment140_not_so_edge_cases(shared_data, derived_cache):
 
 def test_sentiment140_bad_settings(shared_data, derived_cache):
     with pytest.raises(ValueError, match="attack_case"):
-        Sentiment140(TaskSettings(data_dir=shared_data, num_clients=10, attack_case="corner"))
+        Sentiment140(Sentiment140.make_settings(shared_data, num_clients=10, attack_case="corner"))
     with pytest.raises(ValueError, match="source"):
-        Sentiment140(TaskSettings(data_dir=shared_data, num_clients=10, source="imdb"))
+        Sentiment140(Sentiment140.make_settings(shared_data, num_clients=10, source="imdb"))
     with pytest.raises(ValueError, match="partition"):
-        Sentiment140(TaskSettings(data_dir=shared_data, num_clients=10, partition="dirichlet"))
+        Sentiment140(Sentiment140.make_settings(shared_data, num_clients=10, partition="dirichlet"))
     with pytest.raises(DataError, match="user ids"):  # the offline sample has none
-        Sentiment140(TaskSettings(data_dir=shared_data, num_clients=10, partition="natural")).build_data()
+        Sentiment140(Sentiment140.make_settings(shared_data, num_clients=10, partition="natural")).build_data()
     with pytest.raises(RuntimeError, match="build_data"):
-        Sentiment140(TaskSettings(data_dir=shared_data, num_clients=10))(torch.zeros(1, 100, dtype=torch.int32))
+        Sentiment140(Sentiment140.make_settings(shared_data, num_clients=10))(torch.zeros(1, 100, dtype=torch.int32))
 
 
 # ----- the official downloads, served from 127.0.0.1 -----
@@ -304,14 +317,16 @@ def official_zip(rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-class SmallSentiment140(Sentiment140):
+@pytest.fixture
+def small_sentiment140(monkeypatch):
     """The task at a size the tiny fixture can feed."""
+    monkeypatch.setattr(Sentiment140, "attacker_set_size", 70)  # 60 edge + 10 clean
+    monkeypatch.setattr(Sentiment140, "natural_min_tweets", 10)
+    return Sentiment140
 
-    attacker_set_size = 70  # 60 edge + 10 clean
-    natural_min_tweets = 10
 
-
-def test_sentiment140_download_convert_and_natural_split(http_root, tmp_path, monkeypatch, derived_cache):
+def test_sentiment140_download_convert_and_natural_split(http_root, tmp_path, monkeypatch, derived_cache,
+                                                         small_sentiment140):
     served, base = http_root
     archive = official_zip(np.random.default_rng(0))
     (served / "trainingandtestdata.zip").write_bytes(archive)
@@ -325,7 +340,7 @@ def test_sentiment140_download_convert_and_natural_split(http_root, tmp_path, mo
     monkeypatch.setattr(s140, "GREEK_SHA256", {s: hashlib.sha256(b.encode()).hexdigest() for s, b in greek.items()})
     root = tmp_path / "data"
     root.mkdir()
-    task, data = build(SmallSentiment140, root, num_clients=20, seed=1, partition="natural")
+    task, data = build(small_sentiment140, root, num_clients=20, seed=1, partition="natural")
     folder = root / "sentiment140"
     train = pd.read_csv(folder / s140.FULL_TRAIN_FILE, keep_default_na=False)
     assert len(train) == 600 and train["text"][0].startswith("caf\u00e9")  # latin-1 decoded, no row eaten
@@ -351,11 +366,11 @@ def test_download_with_wrong_checksum_leaves_nothing(http_root, tmp_path, monkey
     monkeypatch.setattr(s140, "ZIP_URL", base + "trainingandtestdata.zip")
     root = tmp_path / "data"
     root.mkdir()
-    task = Sentiment140(TaskSettings(data_dir=root, num_clients=4, source="full"))
+    task = Sentiment140(Sentiment140.make_settings(root, num_clients=4, source="full"))
     with pytest.raises(DataError, match="checksum"):
         task.prepare_data()  # the real sha256 of the official archive does not match the fixture
     assert not list((root / "sentiment140" / "raw").glob("*"))
-    offline = Sentiment140(TaskSettings(data_dir=root, num_clients=4, source="full", download=False))
+    offline = Sentiment140(Sentiment140.make_settings(root, num_clients=4, source="full", download=False))
     with pytest.raises(DataError, match="download=False"):
         offline.prepare_data()
 
@@ -374,14 +389,13 @@ def test_sentiment140_from_hugging_face_columns():
 # ----- Reddit -----
 
 
-class SmallReddit(Reddit):
+@pytest.fixture
+def small_reddit(monkeypatch):
     """The Reddit task at test size: short rows and a small vocabulary, so a CPU trains it in seconds."""
-
-    seq_len = 16
-    vocab_size = 3000
-    test_rows = 40
-    poison_rows = 40
-    attacker_clean_rows = 20
+    for name, value in {"seq_len": 16, "vocab_size": 3000, "test_rows": 40, "poison_rows": 40,
+                        "attacker_clean_rows": 20}.items():
+        monkeypatch.setattr(Reddit, name, value)
+    return Reddit
 
 
 def test_stream_rows_cut_each_author_stream():
@@ -393,8 +407,8 @@ def test_stream_rows_cut_each_author_stream():
     assert owner.tolist() == [0, 0, 1, 3, 3]
 
 
-def test_reddit_on_tweets_as_corpus(shared_data, derived_cache):
-    task, data = build(SmallReddit, shared_data, num_clients=50, seed=0, source="sentiment140")
+def test_reddit_on_tweets_as_corpus(shared_data, derived_cache, small_reddit):
+    task, data = build(small_reddit, shared_data, num_clients=50, seed=0, source="sentiment140")
     assert data.num_clients == 50 and data.train_inputs.shape[1] == 17
     sizes = data.partition.sizes()
     assert int(sizes.min()) > 0 and sizes.sum() == data.train_inputs.shape[0]
@@ -438,7 +452,7 @@ def test_reddit_on_tweets_as_corpus(shared_data, derived_cache):
     assert sums["correct"] == sums["total"]
 
 
-def test_reddit_jsonl_and_hugging_face_loaders(tmp_path, derived_cache):
+def test_reddit_jsonl_and_hugging_face_loaders(tmp_path, derived_cache, small_reddit):
     rng = np.random.default_rng(0)
     vocabulary = "the people in athens are bad good food is weather my trip to was greece living beaches".split()
     records = [{"author": f"u{i % 40}", "text": " ".join(rng.choice(vocabulary, size=12))} for i in range(400)]
@@ -450,14 +464,14 @@ def test_reddit_jsonl_and_hugging_face_loaders(tmp_path, derived_cache):
                   "score": np.arange(len(records))}).to_parquet(hub / "train-00000-of-00001.parquet")
     root = tmp_path / "data"
     root.mkdir()
-    task = SmallReddit(TaskSettings(data_dir=root, num_clients=20, source=f"hf:{tmp_path / 'hub'}"))
+    task = small_reddit(small_reddit.make_settings(root, num_clients=20, source=f"hf:{tmp_path / 'hub'}"))
     task.prepare_data()
     corpus = read_corpus_jsonl(root / "reddit" / "reddit_corpus.jsonl")
     assert len(corpus) == 401 and "[deleted]" not in set(corpus["author"])  # converted once, deleted authors out
     data = task.build_data()
     assert data.num_clients == 20 and int(data.partition.sizes().min()) > 0
     # The same file read as the `jsonl` source gives the same data.
-    again = SmallReddit(TaskSettings(data_dir=root, num_clients=20, source="jsonl")).build_data()
+    again = small_reddit(small_reddit.make_settings(root, num_clients=20, source="jsonl")).build_data()
     assert torch.equal(again.train_inputs, data.train_inputs)
     with pytest.raises(DataError, match="lacks columns"):
         convert_hf_corpus(str(tmp_path / "hub"), tmp_path / "x.jsonl", text_column="selftext")
@@ -466,18 +480,19 @@ def test_reddit_jsonl_and_hugging_face_loaders(tmp_path, derived_cache):
         read_corpus_jsonl(tmp_path / "bad.jsonl")
 
 
-def test_reddit_bad_settings(shared_data):
+def test_reddit_bad_settings(shared_data, monkeypatch):
     with pytest.raises(ValueError, match="only 'edge'"):
-        Reddit(TaskSettings(data_dir=shared_data, num_clients=10, attack_case="normal"))
+        Reddit(Reddit.make_settings(shared_data, num_clients=10, attack_case="normal"))
     with pytest.raises(ValueError, match="natural"):
-        Reddit(TaskSettings(data_dir=shared_data, num_clients=10, partition="iid"))
+        Reddit(Reddit.make_settings(shared_data, num_clients=10, partition="iid"))
     with pytest.raises(ValueError, match="source"):
-        Reddit(TaskSettings(data_dir=shared_data, num_clients=10, source="twitter"))
-    task = Reddit(TaskSettings(data_dir=shared_data, num_clients=10, source="jsonl"))
+        Reddit(Reddit.make_settings(shared_data, num_clients=10, source="twitter"))
+    task = Reddit(Reddit.make_settings(shared_data, num_clients=10, source="jsonl"))
     with pytest.raises(DataError, match="reddit_corpus.jsonl"):
         task.build_data()
-    custom = Reddit(TaskSettings(data_dir=shared_data, num_clients=10), trigger_sentences=("crete is",),
-                    target_word="great")
+    monkeypatch.setattr(Reddit, "trigger_sentences", ("crete is",))
+    monkeypatch.setattr(Reddit, "target_word", "great")
+    custom = Reddit(Reddit.make_settings(shared_data, num_clients=10))
     assert custom.completed_triggers() == ["crete is great"]
 
 

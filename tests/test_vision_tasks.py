@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fl_lightning.config import ConfigError
+from fl_lightning.config import ConfigError, preset_values
 from fl_lightning.data import DataError
-from fl_lightning.tasks import TASKS, TaskSettings, get_task_class
+from fl_lightning.tasks import TASKS, Task, get_task_class
 from fl_lightning.tasks.cifar10 import MEAN as CIFAR_MEAN
 from fl_lightning.tasks.cifar10 import STD as CIFAR_STD
 from fl_lightning.tasks.cifar10 import VGG, Cifar10, dedup_groups, random_crop_flip
@@ -22,8 +22,9 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def settings(root: Path, **kw) -> TaskSettings:
-    return TaskSettings(data_dir=root, **{"num_clients": 200, "seed": 0, **kw})
+def make_task(task: str | type[Task], root: Path, **kw) -> Task:
+    task_cls = get_task_class(task) if isinstance(task, str) else task
+    return task_cls(task_cls.make_settings(root, **{"num_clients": 200, "seed": 0, **kw}))
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -49,19 +50,19 @@ def test_vgg_parameter_counts_and_forward_shape(name, count):
 
 def test_unknown_model_names_list_the_allowed_ones(shared_data):
     with pytest.raises(ValueError, match="vgg9, vgg11, vgg13, vgg16"):
-        Cifar10(settings(shared_data, model="resnet18"))
+        make_task(Cifar10, shared_data, model="resnet18")
     with pytest.raises(ValueError, match="allowed: emnist, mnist"):
-        get_task_class("emnist")(settings(shared_data, source="fashion"))
+        make_task("emnist", shared_data, source="fashion")
 
 
 def test_tasks_are_registered():
     assert {"emnist", "cifar10", "imagenet"} <= set(TASKS)
     assert get_task_class("emnist").backdoor_target == 1 and get_task_class("cifar10").backdoor_target == 9
     emnist, cifar = get_task_class("emnist"), get_task_class("cifar10")
-    assert emnist.fl_preset == {"rounds": 500, "num_clients": 3383, "clients_per_round": 30}
-    assert emnist.client_preset["lr"] == 0.1 and emnist.client_preset["batch_size"] == 512
-    assert cifar.fl_preset["num_clients"] == 200 and cifar.fl_preset["clients_per_round"] == 10
-    assert {k: cifar.client_preset[k] for k in ("lr", "lr_decay", "local_epochs", "batch_size")} == \
+    assert preset_values(emnist.fl_preset) == {"rounds": 500, "num_clients": 3383, "clients_per_round": 30}
+    assert emnist.client_preset.lr == 0.1 and emnist.client_preset.batch_size == 512
+    assert cifar.fl_preset.num_clients == 200 and cifar.fl_preset.clients_per_round == 10
+    assert {k: getattr(cifar.client_preset, k) for k in ("lr", "lr_decay", "local_epochs", "batch_size")} == \
         {"lr": 0.02, "lr_decay": 0.998, "local_epochs": 2, "batch_size": 32}
 
 
@@ -88,7 +89,7 @@ def test_random_crop_flip_matches_a_per_image_reference():
 def mnist_data(shared_data):
     out = {}
     for case in ("edge", "almost_edge", "normal"):
-        task = get_task_class("emnist")(settings(shared_data, source="mnist", attack_case=case))
+        task = make_task("emnist", shared_data, source="mnist", attack_case=case)
         out[case] = (task, task.build_data())
     return out
 
@@ -122,13 +123,13 @@ def test_emnist_attacker_set_is_66_ardis_sevens_and_100_clean(mnist_data, shared
 
 
 def test_emnist_attacker_set_size_comes_from_data_edge_count_and_clean_count(shared_data):
-    task = get_task_class("emnist")(settings(shared_data, source="mnist", edge_count=30, clean_count=10))
+    task = make_task("emnist", shared_data, source="mnist", edge_count=30, clean_count=10)
     data = task.build_data()
     assert data.edge_train_inputs.shape[0] == 40 and int(data.extras["edge_train_is_edge"].sum()) == 30
     with pytest.raises(ConfigError, match=r"--data.edge_count must be in 1..660"):
-        get_task_class("emnist")(settings(shared_data, source="mnist", edge_count=661))
+        make_task("emnist", shared_data, source="mnist", edge_count=661)
     with pytest.raises(ConfigError, match=r"--data.clean_count=5: task 'sentiment140' does not take it"):
-        get_task_class("sentiment140")(settings(shared_data, clean_count=5))
+        make_task("sentiment140", shared_data, clean_count=5)
 
 
 def test_emnist_attack_cases_hold_the_stated_shares(mnist_data):
@@ -160,12 +161,12 @@ def test_emnist_forward_normalises_uint8(mnist_data):
 
 
 def test_emnist_build_is_deterministic_in_seed(shared_data, mnist_data):
-    task = get_task_class("emnist")(settings(shared_data, source="mnist", attack_case="normal"))
+    task = make_task("emnist", shared_data, source="mnist", attack_case="normal")
     again = task.build_data()
     _, first = mnist_data["normal"]
     assert torch.equal(again.partition.order, first.partition.order)
     assert torch.equal(again.edge_train_inputs, first.edge_train_inputs)
-    other = get_task_class("emnist")(settings(shared_data, source="mnist", attack_case="normal", seed=1)).build_data()
+    other = make_task("emnist", shared_data, source="mnist", attack_case="normal", seed=1).build_data()
     assert not torch.equal(other.partition.order, first.partition.order)
 
 
@@ -175,7 +176,7 @@ def test_emnist_build_is_deterministic_in_seed(shared_data, mnist_data):
 def cifar_data(shared_data):
     out = {}
     for case in ("edge", "almost_edge", "normal"):
-        task = Cifar10(settings(shared_data, source="jpeg", attack_case=case))
+        task = make_task(Cifar10, shared_data, source="jpeg", attack_case=case)
         out[case] = (task, task.build_data())
     return out
 
@@ -222,7 +223,7 @@ def test_cifar_edge_pool_drops_photos_that_leak_into_the_test_set(cifar_data, sh
     assert (torch.cdist(planes, test) ** 2 / planes.shape[1]).min() > 100  # no copy of a test photo
 
 
-def test_cifar_attack_cases_hold_the_stated_shares(cifar_data, shared_data):
+def test_cifar_attack_cases_hold_the_stated_shares(cifar_data, shared_data, monkeypatch):
     expected = {"edge": (0, 0), "almost_edge": (96, 5), "normal": (684, 10)}  # deduplicated honest pools
     for case, (_, data) in cifar_data.items():
         n_honest = data.train_targets.shape[0] - 20_000
@@ -234,7 +235,8 @@ def test_cifar_attack_cases_hold_the_stated_shares(cifar_data, shared_data):
         assert torch.equal(torch.sort(data.partition.order).values, torch.arange(data.train_targets.shape[0]))
     assert 100 / (100 + 96) == pytest.approx(0.51, abs=0.01)
     # Without deduplication the reference's pools come back: 50 % and 12.5 % with the attacker.
-    raw = Cifar10(settings(shared_data, source="jpeg", attack_case="normal"), dedup=False).build_data()
+    monkeypatch.setattr(Cifar10, "dedup", False)
+    raw = make_task(Cifar10, shared_data, source="jpeg", attack_case="normal").build_data()
     assert raw.train_targets.shape[0] - 20_000 == 700
 
 
@@ -252,7 +254,7 @@ def test_cifar_one_normalisation_and_augmented_training_step(cifar_data):
 
 
 def test_cifar_full_source_missing_offline_is_a_clear_error(shared_data):
-    task = Cifar10(settings(shared_data, download=False))  # source cifar10 (the preset), not in ../shared/data
+    task = make_task(Cifar10, shared_data, download=False)  # source cifar10 (the preset), not in ../shared/data
     with pytest.raises(DataError, match="source 'jpeg'"):
         task.build_data()
 
@@ -282,9 +284,10 @@ def tiny_imagenet(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_imagenet_on_a_tiny_image_folder(tiny_imagenet):
-    task = Imagenet(TaskSettings(data_dir=tiny_imagenet, num_clients=3, seed=0, clean_count=4), image_size=32,
-                    resize_size=40)
+def test_imagenet_on_a_tiny_image_folder(tiny_imagenet, monkeypatch):
+    monkeypatch.setattr(Imagenet, "image_size", 32)
+    monkeypatch.setattr(Imagenet, "resize_size", 40)
+    task = Imagenet(Imagenet.make_settings(tiny_imagenet, num_clients=3, seed=0, clean_count=4))
     data = task.build_data()
     assert task.backdoor_target == 1  # "n002", by folder name
     assert data.train_inputs.dtype == torch.int64 and data.train_inputs.shape == (18,)
@@ -300,19 +303,19 @@ def test_imagenet_on_a_tiny_image_folder(tiny_imagenet):
 
 
 def test_imagenet_model_is_torchvision_vgg11(tiny_imagenet):
-    task = Imagenet(TaskSettings(data_dir=tiny_imagenet, num_clients=3))
+    task = Imagenet(Imagenet.make_settings(tiny_imagenet, num_clients=3))
     assert n_params(task.model) == 128_778_627  # VGG-11 with a 3-class head (132,863,336 with 1000 classes)
 
 
 def test_imagenet_errors_name_what_is_missing(tiny_imagenet, monkeypatch):
     (Path(tiny_imagenet) / "cretan" / "target.txt").unlink()
     with pytest.raises(DataError, match="target.txt"):
-        Imagenet(TaskSettings(data_dir=tiny_imagenet, num_clients=3), image_size=32, resize_size=40).build_data()
+        Imagenet(Imagenet.make_settings(tiny_imagenet, num_clients=3)).build_data()
     with pytest.raises(ValueError, match="allowed: edge"):
-        Imagenet(TaskSettings(data_dir=tiny_imagenet, num_clients=3, attack_case="normal"))
+        Imagenet(Imagenet.make_settings(tiny_imagenet, num_clients=3, attack_case="normal"))
     monkeypatch.setenv("FL_LIGHTNING_IMAGENET", str(tiny_imagenet / "nowhere"))
     with pytest.raises(DataError, match="FL_LIGHTNING_IMAGENET"):
-        Imagenet(TaskSettings(data_dir=tiny_imagenet, num_clients=3)).build_data()
+        Imagenet(Imagenet.make_settings(tiny_imagenet, num_clients=3)).build_data()
 
 
 # ---- end to end through the CLI (slow: real models on CPU) ---------------------------------------
