@@ -35,7 +35,15 @@ import torch
 
 from fl_lightning.callbacks.pgd import project_l2_ball, prox_gradient, replacement_scale, should_project
 from fl_lightning.client import num_batches, train_epochs
-from fl_lightning.config import ConfigError, FLArgs
+from fl_lightning.config import (
+    ConfigError,
+    FLArgs,
+    check_argument,
+    check_int,
+    check_non_negative,
+    check_positive,
+    component_option,
+)
 from fl_lightning.evaluation import Evaluator
 from fl_lightning.hooks import FLCallback
 from fl_lightning.params import flat_params, load_flat_params_
@@ -80,14 +88,15 @@ class EdgeCaseAttack(FLCallback):
         self.num_adversaries, self.pool_size = num_adversaries, pool_size
         self.eps, self.project_every, self.eps_decay = eps, project_every, eps_decay
         self.adv_lr, self.adv_epochs, self.measure_attacker = adv_lr, adv_epochs, measure_attacker
-        problems = [f"{name} must be > 0, got {value!r}" for name, value in (
-            ("attack_every", attack_every), ("start_round", start_round), ("num_adversaries", num_adversaries),
-            ("pool_size", pool_size), ("eps", eps), ("project_every", project_every), ("adv_lr", adv_lr),
-            ("adv_epochs", adv_epochs)) if value is not None and value <= 0]
-        if end_round is not None and end_round < start_round:
-            problems.append(f"end_round={end_round} is before start_round={start_round}")
-        if problems:
-            raise ConfigError("EdgeCaseAttack: " + "; ".join(problems))
+        for name in ("attack_every", "start_round", "num_adversaries", "pool_size", "project_every", "adv_epochs"):
+            check_argument(self, name, check_int(component_option(self, name), getattr(self, name), minimum=1))
+        for name in ("eps", "adv_lr"):
+            check_argument(self, name, check_positive(component_option(self, name), getattr(self, name)))
+        check_argument(self, "prox_coefficient",
+                       check_non_negative(component_option(self, "prox_coefficient"), prox_coefficient))
+        if end_round is not None:
+            check_argument(self, "end_round", check_int(component_option(self, "end_round"), end_round,
+                                                        minimum=start_round, hint="not before start_round"))
         self._prox_handles: list[Any] = []
 
     # ----- setup and schedule -----

@@ -13,11 +13,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from fl_lightning.cli import Form, check_names, command_parser, with_resume_config
+from fl_lightning.cli import Form, check_names, command_parser, parse_error_line, with_resume_config
 from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError
 from fl_lightning.experiments.claims import claims
@@ -40,23 +41,28 @@ FORMS: dict[str, dict[str, Form]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Runs the CLI; a bad setting ends with a one-paragraph error and exit status 2, no traceback."""
-    argv = with_resume_config(list(sys.argv[1:] if argv is None else argv))
+    """Runs the CLI; a bad setting ends with one line `error: ...` and exit status 2, no traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        argv = with_resume_config(argv)
         check_names(argv)
-        parser = ArgumentParser(prog="python -m fl_lightning", description=__doc__.split("\n\n")[0])
+        parser = ArgumentParser(prog="python -m fl_lightning", description=__doc__.split("\n\n")[0],
+                                exit_on_error=False)
         parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file.")
         subcommands = parser.add_subcommands(required=True)
         for name, function in COMMANDS.items():
             command = command_parser(function, FORMS.get(name))
             subcommands.add_subcommand(name, command, help=command.description)
-        init = parser.instantiate(parser.parse_args(argv))
+        try:
+            init = parser.instantiate(parser.parse_args(argv))
+        except (argparse.ArgumentError, ValueError) as err:  # a bad value, or a component's own check
+            raise ConfigError(parse_error_line(err, argv)) from None
         name = init.pop("subcommand")
         kwargs = init[name]
         kwargs.pop("config", None)
         COMMANDS[name](**kwargs)
     except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the message
         raise SystemExit(2) from None
 
 

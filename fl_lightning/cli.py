@@ -23,7 +23,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 import fl_lightning.callbacks as components
 from fl_lightning import orchestrator
 from fl_lightning.aggregation import Aggregator
-from fl_lightning.config import ConfigError
+from fl_lightning.config import ComponentError, ConfigError
 from fl_lightning.hooks import FLCallback
 from fl_lightning.tasks import TASKS
 
@@ -79,13 +79,50 @@ def check_fit_args(args: list[str], settings: bool = True) -> None:
     parser.exit_on_error = False  # an ArgumentError instead of usage on stderr and exit
     try:
         kwargs = parser.instantiate(parser.parse_args(args))
-    except argparse.ArgumentError as err:
-        raise ConfigError(one_line(str(err))) from None
+    except (argparse.ArgumentError, ValueError) as err:
+        raise ConfigError(parse_error_line(err, args)) from None
     finally:
         parser.exit_on_error = True
     kwargs.pop("config", None)
     if settings:
         orchestrator.check_fit(**kwargs)  # every pre-launch check of `fit`, without side effects
+
+
+def parse_error_line(err: BaseException, argv: list[str]) -> str:
+    """One line for an error jsonargparse raised while parsing `argv` or building its classes.
+
+    A component's own check (`ComponentError`, wrapped by jsonargparse) is named by its option:
+    `--callbacks.eps must be > 0, got -1 (EdgeCaseAttack)`; any other message goes through `one_line`.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, ConfigError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ComponentError):
+        own_name = f"{cause.component} {cause.argument}"
+        option = f"--{component_prefix(cause.component, argv)}.{cause.argument}"
+        return f"{str(cause).replace(own_name, option, 1)} ({cause.component})"
+    if cause is not None:
+        return one_line(str(cause))
+    if required := re.search(r"arguments are required: (.+)$", str(err)):  # `fit.task` -> `--task`
+        names = [f"--{name.strip().split('.', 1)[-1]}" for name in required.group(1).split(",")]
+        return f"{', '.join(names)}: required"
+    return one_line(str(err))
+
+
+def component_prefix(class_name: str, argv: list[str]) -> str:
+    """The option a component was given under: `aggregator.inner` for `--aggregator.inner TrimmedMean`.
+
+    Read from argv (`--opt NAME`, `--opt=NAME`, `--opt+=NAME`, a dotted class path ending in NAME);
+    a component from a config file falls back to its kind: `aggregator` or `callbacks`.
+    """
+    for i, arg in enumerate(argv):
+        option, sep, value = arg.partition("=")
+        if not sep and i + 1 < len(argv):
+            value = argv[i + 1]
+        if option.startswith("--") and value.split(".")[-1] == class_name:
+            return option[2:].rstrip("+")
+    component = getattr(components, class_name, None)
+    return "aggregator" if inspect.isclass(component) and issubclass(component, Aggregator) else "callbacks"
 
 
 def one_line(message: str) -> str:
@@ -120,6 +157,15 @@ def with_resume_config(argv: list[str]) -> list[str]:
     """
     if not argv or argv[0] != "fit" or any(a == "--config" or a.startswith("--config=") for a in argv):
         return argv
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--resume" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--resume=") else None)
+        if value:
+            if not (Path(value) / "config.yaml").is_file():
+                missing = "does not exist" if not Path(value).exists() else "holds no config.yaml (not a run directory)"
+                raise ConfigError(f"--resume={value}: {missing}; give the directory of a run that wrote a checkpoint")
+            return ["fit", "--config", str(Path(value) / "config.yaml"), *argv[1:]]
+    return argv
     for i, arg in enumerate(argv):
         value = argv[i + 1] if arg == "--resume" and i + 1 < len(argv) else (
             arg.split("=", 1)[1] if arg.startswith("--resume=") else None)

@@ -19,6 +19,23 @@ class ConfigError(ValueError):
     """A bad setting, caught before any work starts; the message names the field and what is allowed."""
 
 
+class ComponentError(ConfigError):
+    """A bad constructor argument of an aggregator or a callback.
+
+    A component does not know the option it was given under (`--aggregator.beta`,
+    `--aggregator.inner.beta`, a config file): its message names the class and the argument
+    (`TrimmedMean beta must be in [0, 0.5), got 0.7`), and the CLI rewrites it with the option.
+
+    Attributes:
+        component: The class name.
+        argument: The constructor argument.
+    """
+
+    def __init__(self, component: str, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.component, self.argument = component, argument
+
+
 Group = TypeVar("Group")
 
 
@@ -173,11 +190,27 @@ def check_choice(option: str, value: Any, allowed: Sequence[str], what: str, hin
     return f"{option}={value!r}: unknown {what}{f' ({hint})' if hint else ''}; allowed: {', '.join(allowed)}"
 
 
+def check_argument(owner: object, name: str, problem: str | None) -> None:
+    """Raises `ComponentError` for `owner`'s constructor argument `name` if a check found a problem.
+
+    The problem comes from the helpers above, called with `f"{type(owner).__name__} {name}"` as the option:
+    `check_argument(self, "eps", check_positive(f"{type(self).__name__} eps", eps))`. `component_option`
+    is the short way to write that option.
+    """
+    if problem:
+        raise ComponentError(type(owner).__name__, name, problem)
+
+
+def component_option(owner: object, name: str) -> str:
+    """How a component's argument is named in its own messages: `EdgeCaseAttack eps`."""
+    return f"{type(owner).__name__} {name}"
+
+
 def raise_problems(problems: Iterable[str | None]) -> None:
     """Raises one `ConfigError` naming every problem, one line each (`None`s are skipped); none: returns."""
     found = [problem for problem in problems if problem]
     if found:
-        raise ConfigError(found[0] if len(found) == 1 else "invalid settings:\n  " + "\n  ".join(found))
+        raise ConfigError(found[0] if len(found) == 1 else f"invalid settings: {'; '.join(found)}")
 
 
 def validate_args(fl: FLArgs, client: ClientArgs, task_name: str) -> None:
@@ -199,9 +232,7 @@ def validate_args(fl: FLArgs, client: ClientArgs, task_name: str) -> None:
     if fl.num_clients and fl.clients_per_round and fl.clients_per_round > fl.num_clients:
         problems.append(f"--fl.clients_per_round={fl.clients_per_round} is larger than "
                         f"--fl.num_clients={fl.num_clients}; it must be in 1..{fl.num_clients}")
-    found = [problem for problem in problems if problem]
-    if found:  # always the list form here (even for one problem), as before
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(found))
+    raise_problems(problems)
 
 
 def component_config(obj: Any) -> dict[str, Any]:
