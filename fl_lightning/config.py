@@ -160,7 +160,12 @@ def component_config(obj: Any) -> dict[str, Any]:
         value = getattr(obj, name)
         init_args[name] = component_config(value) if hasattr(value, "__dict__") and not isinstance(
             value, type) else value
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+    from fl_lightning import callbacks  # here, not at the top: callbacks import this module
+
+    # A class exported by `fl_lightning.callbacks` is written by that name, which stays valid when modules move.
+    exported = getattr(callbacks, cls.__name__, None) is cls
+    path = f"{callbacks.__name__}.{cls.__name__}" if exported else f"{cls.__module__}.{cls.__qualname__}"
+    return {"class_path": path, "init_args": init_args}
 
 
 def group_dict(args: Any) -> dict[str, Any]:
