@@ -20,8 +20,12 @@ Deviations from the reference code (`defense.py` of Wang et al.; see `docs/refer
       matrix (`fl_lightning.kernels.gram_matrix`) every iteration costs O(n^2) instead of three
       passes over the updates. The iteration and the final weighted sum are float64, as in the
       reference; the Gram products are float32 per block (float64 when float32 matmuls may use TF32
-      or bf16). Because each distance is a quadratic form in `e_k - beta`, its rounding error
-      shrinks with the distance itself, so distances near the smoothing constant stay resolved.
+      or bf16). When updates are close, the Gram matrix is that of the updates less a centre `c`
+      near their mean (`fl_lightning.kernels.distance_gram`): since the weights sum to 1,
+      `z - c = sum_j beta_j (w_j - c)`, so the distances are the same, and their rounding errors
+      are ~1e-7 of the spread's square instead of the updates' square. (Those errors do not shrink
+      with the distance: uncentred, near-identical updates got distances off by more than their
+      size.) The final update is the weighted sum of the updates themselves.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fl_lightning.aggregation import Aggregate, Aggregator, check_float, check_int
-from fl_lightning.kernels import gram_matrix, weighted_sum
+from fl_lightning.kernels import distance_gram, weighted_sum
 
 
 class GeometricMedian(Aggregator):
@@ -58,7 +62,7 @@ class GeometricMedian(Aggregator):
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
         alpha = weights.detach().to("cpu", torch.float64)
         alpha = alpha / alpha.sum()  # [n]
-        beta = self.weiszfeld_weights(gram_matrix(deltas), alpha)  # [n]
+        beta = self.weiszfeld_weights(distance_gram(deltas), alpha)  # [n]
         return Aggregate(update=weighted_sum(deltas, beta.tolist(), torch.float64).to(deltas.dtype),
                          client_weights=beta.to(deltas.device, deltas.dtype))
 
@@ -66,7 +70,7 @@ class GeometricMedian(Aggregator):
         """The client weights `beta` of the final Weiszfeld iterate `z = sum_k beta_k w_k`.
 
         Args:
-            gram: Gram matrix of the updates, `[n, n]`, float64.
+            gram: Gram matrix of the updates less any common centre, `[n, n]`, float64.
             alpha: Normalised example counts, `[n]`, float64.
 
         Returns:

@@ -6,8 +6,9 @@ thread count lives here:
 
     - `weighted_sum`: `sum_i w_i rows[i]`, row after row in a fixed order (FedAvg, Multi-Krum,
       clipping, RFA's float64 result).
-    - `gram_matrix`, `pairwise_sq_distances`: `rows @ rows.T` by blocks of columns with float64
-      sums across blocks, and the squared distances taken from it (Krum, Multi-Krum, RFA).
+    - `gram_matrix`, `distance_gram`, `pairwise_sq_distances`: `rows @ rows.T` by blocks of columns
+      with float64 sums across blocks, centred when the updates are close, and the squared
+      distances taken from it (Krum, Multi-Krum, RFA).
     - `row_norms`: L2 norms by blocks of columns, summed in float64 (norm clipping).
     - `sort_columns`, `by_column_chunks`: column-wise sorts by chunks (coordinate median, trimmed mean).
     - `fp32_matmul_is_exact`: whether float32 matmuls may run at reduced precision (TF32, bf16).
@@ -18,6 +19,7 @@ commands, are in `benchmarks/README.md`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -37,6 +39,8 @@ GRAM_CPU_GROUP_BYTES = 8 << 20
 """Bytes of updates multiplied per group of blocks on CPUs: every panel of a group reads it from the cache."""
 NORM_BLOCK = 4096
 """Columns per block of the row norms (short float32 accumulations, summed in float64)."""
+CENTRE_BELOW = 1e-3
+"""Squared distance, relative to the largest squared norm, below which distances come from a centred Gram matrix."""
 SORT_COLUMN_CHUNK = 65536
 """Columns per chunk of the coordinate-wise sorts on the CPU (bounds the sorted copy)."""
 
@@ -72,7 +76,7 @@ def weighted_sum(rows: Tensor, weights: Tensor | Sequence[float], dtype: torch.d
     return total
 
 
-def gram_matrix(deltas: Tensor) -> Tensor:
+def gram_matrix(deltas: Tensor, centred: bool = False) -> Tensor:
     """The Gram matrix `deltas @ deltas.T` of the client updates, with float64 accumulation across blocks.
 
     The columns are split into blocks of `GRAM_BLOCK`; batched matrix products give every block's
@@ -89,11 +93,21 @@ def gram_matrix(deltas: Tensor) -> Tensor:
     (the last panel is shifted to end at the last row, so no zero rows are needed). That is 30% fewer
     products than the full 30 x 30, at the kernels' fast sizes, with no copy of the updates.
 
+    With `centred`, the Gram matrix is that of the updates less a centre `c` close to their mean,
+    `G[i, j] = <deltas[i] - c, deltas[j] - c>`. Its rounding errors are then relative to the spread
+    of the updates around `c` instead of to their size, which is what distances between
+    near-identical updates need (see `pairwise_sq_distances`). `c` is each group's column mean in
+    the updates' dtype, taken while the group is in the cache, and subtracted into a buffer that
+    the products read. Any `c` gives the same distances, so it need not be exact: only
+    deterministic, and near the updates.
+
     Args:
         deltas: Client updates, `[n, n_params]`.
+        centred: Whether to subtract the centre `c` first.
 
     Returns:
-        `G[i, j] = <deltas[i], deltas[j]>`, `[n, n]`, float64 on the CPU, exactly symmetric.
+        `G[i, j] = <deltas[i] - c, deltas[j] - c>` (`c = 0` unless `centred`), `[n, n]`, float64 on
+        the CPU, exactly symmetric.
     """
     n, n_params = deltas.shape
     deltas = deltas.contiguous()
@@ -108,7 +122,7 @@ def gram_matrix(deltas: Tensor) -> Tensor:
         blocks_per_product = max(1, GRAM_MAX_PARTIAL // (n * n))
     panels = [(first, min(first, n - width)) for first in range(0, n, width)]  # (first row, first column)
     buffer = None
-    if compute_dtype != deltas.dtype:
+    if compute_dtype != deltas.dtype or centred:
         blocks_per_product = max(1, min(blocks_per_product, GRAM_MAX_PARTIAL // (n * GRAM_BLOCK)))
         buffer = torch.empty(blocks_per_product, n, GRAM_BLOCK, dtype=compute_dtype, device=deltas.device)
     gram = torch.zeros(n, n, dtype=torch.float64, device=deltas.device)
@@ -116,24 +130,62 @@ def gram_matrix(deltas: Tensor) -> Tensor:
         count = min(blocks_per_product, num_blocks - first_block)
         cols = deltas[:, first_block * GRAM_BLOCK:(first_block + count) * GRAM_BLOCK]  # [n, count * block], a view
         blocks = cols.view(n, count, GRAM_BLOCK).transpose(0, 1)  # [count, n, block], a view
-        if buffer is not None:
+        if centred:  # the group's column means subtracted into the buffer
+            centre = cols.mean(dim=0).view(count, 1, GRAM_BLOCK)  # [count, 1, block]; 30x faster than on `blocks`
+            blocks = torch.sub(blocks, centre, out=buffer[:count])
+        elif buffer is not None:
             blocks = buffer[:count].copy_(blocks)  # cast to compute_dtype
         for first, start in panels:
             panel = blocks[:, start:start + width]  # [count, width, block]
             partial = torch.bmm(blocks[:, first:], panel.transpose(1, 2))  # [count, n - first, width]
             # the shifted last panel's first columns are the previous panel's: skip them
             gram[first:, first:start + width] += partial[:, :, first - start:].sum(0, dtype=torch.float64)
-    tail = deltas[:, num_blocks * GRAM_BLOCK:].to(compute_dtype)  # [n, n_params % block]
+    tail = deltas[:, num_blocks * GRAM_BLOCK:]  # [n, n_params % block]
+    tail = (tail - tail.mean(dim=0) if centred and tail.shape[1] else tail).to(compute_dtype)
     if tail.shape[1]:
         gram += (tail @ tail.T).to(torch.float64)
     lower = gram.cpu().tril()  # entries above the diagonal are partial or missing
     return lower + lower.tril(-1).T
 
 
-def pairwise_sq_distances(deltas: Tensor) -> Tensor:
-    """All pairwise squared Euclidean distances between client updates, from one Gram matrix.
+def distance_gram(deltas: Tensor) -> Tensor:
+    """A Gram matrix of the updates, or of the updates less a common centre, that resolves their distances.
 
-    `|a - b|^2 = |a|^2 + |b|^2 - 2<a, b>`, clamped at 0.
+    Distances are the same from both (`|a - b|^2 = |a - c|^2 + |b - c|^2 - 2<a - c, b - c>` for any
+    `c`), but their rounding errors are not: the float32 products err by ~1e-7 of the squared norms
+    of what they multiply. From the plain Gram matrix that is ~1e-7 of `|update|^2` on every
+    distance, so updates closer than ~0.1 % of their size (colluding near-copies, late rounds) get
+    distances off by more than the distances themselves. The plain Gram matrix is kept when every
+    pair is at least `CENTRE_BELOW` times the largest squared norm apart: its errors are then at
+    most a few 1e-4 of the smallest distance. Otherwise a second pass gives the centred one
+    (`gram_matrix(deltas, centred=True)`), whose errors are ~1e-7 of the spread's square. Always
+    centring would cost ordinary rounds an extra pass over the updates (`benchmarks/README.md`).
+
+    Args:
+        deltas: Client updates, `[n, n_params]`.
+
+    Returns:
+        `[n, n]`, float64 on the CPU, exactly symmetric: `G[i, j] = <deltas[i] - c, deltas[j] - c>`
+        with `c = 0` or `c` near the updates' mean.
+    """
+    gram = gram_matrix(deltas)  # [n, n]
+    if deltas.shape[0] > 1:
+        others = sq_distances(gram)
+        others.fill_diagonal_(math.inf)  # the smallest distance between two different updates
+        if others.min() < CENTRE_BELOW * gram.diagonal().max():
+            return gram_matrix(deltas, centred=True)
+    return gram
+
+
+def sq_distances(gram: Tensor) -> Tensor:
+    """`|a - b|^2 = G[a, a] + G[b, b] - 2 G[a, b]` from a Gram matrix `[n, n]`, clamped at 0 (cancellation
+    can leave tiny negative values for identical updates), `[n, n]`."""
+    sq_norms = gram.diagonal()  # [n]
+    return (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0)
+
+
+def pairwise_sq_distances(deltas: Tensor) -> Tensor:
+    """All pairwise squared Euclidean distances between client updates, from one Gram matrix (`distance_gram`).
 
     Args:
         deltas: Client updates, `[n, n_params]`.
@@ -141,10 +193,7 @@ def pairwise_sq_distances(deltas: Tensor) -> Tensor:
     Returns:
         `D[i, j] = |deltas[i] - deltas[j]|^2`, `[n, n]`, float64 on the CPU, zero diagonal.
     """
-    gram = gram_matrix(deltas)  # [n, n]
-    sq_norms = gram.diagonal()  # [n]
-    # Cancellation can leave tiny negative values for (near-)identical updates: clamp at 0.
-    dists = (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0)  # [n, n]
+    dists = sq_distances(distance_gram(deltas))  # [n, n]
     dists.fill_diagonal_(0)
     return dists
 

@@ -341,6 +341,87 @@ def test_rfa_without_iterations_is_the_weighted_mean():
     torch.testing.assert_close(result.client_weights, counts / counts.sum())
 
 
+# ----- near-identical updates (colluding near-copies, late rounds) -----
+# Distances of float32 rows taken from their uncentred Gram matrix carry errors of ~1e-7 |update|^2, which
+# swamp the distances themselves once updates differ by less than ~0.1 % of their size. The references below
+# work on the same float32 rows in float64, directly from the differences.
+
+NEAR_SPREADS = [1e-3, 1e-4, 1e-5, 1e-6]
+NEAR_PARAMS = 20_000
+SCORE_MARGIN = 1e-6
+"""Smallest relative gap between the float64 scores at the selection boundary for a draw to count: the
+centred float32 Gram errs by ~1e-7 of the spread's square, so closer scores are genuine near-ties."""
+
+
+def near_identical(n: int, spread: float, seed: int) -> torch.Tensor:
+    """`base + spread * noise`: n float32 updates of size ~|base| (~141), each off the base by `spread` times
+    its own factor in [0.5, 1.5], so that their Krum scores differ."""
+    g = gen(seed)
+    base = torch.randn(NEAR_PARAMS, generator=g)
+    scales = 0.5 + torch.rand(n, 1, generator=g)
+    return base + spread * scales * torch.randn(n, NEAR_PARAMS, generator=g)
+
+
+def brute_force_sq_distances(deltas: torch.Tensor) -> torch.Tensor:
+    """`|a - b|^2` for every pair, from the float64 differences of the rows themselves (not a Gram matrix)."""
+    rows = deltas.double()
+    return torch.cdist(rows, rows, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+
+
+def clear_draw(n: int, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first draw (seed 0, 1, ...) whose float64 Krum scores at both selection boundaries (Krum's first
+    and second, Multi-Krum's (n - 1)-th and n-th) differ by at least `SCORE_MARGIN` relative, with its scores."""
+    for seed in range(20):
+        deltas = near_identical(n, spread, seed)
+        scores = krum_scores(brute_force_sq_distances(deltas), num_adversaries=1)
+        ranked = scores.sort().values.tolist()
+        if all(ranked[k] - ranked[k - 1] >= SCORE_MARGIN * ranked[k] for k in (1, n - 1)):
+            return deltas, scores
+    raise AssertionError(f"no draw without a near-tie at n={n}, spread={spread}")
+
+
+@pytest.mark.parametrize("n", [5, 30, 100])
+def test_krum_and_multi_krum_select_as_a_float64_brute_force_on_near_identical_updates(n):
+    wrong = []
+    for spread in NEAR_SPREADS:
+        deltas, scores = clear_draw(n, spread)
+        for rule, selected in ((Krum(1), 1), (MultiKrum(1), n - 1)):
+            expected = set(scores.sort().indices[:selected].tolist())
+            chosen = set(rule(deltas, torch.ones(n), gen()).client_weights.nonzero().flatten().tolist())
+            if chosen != expected:
+                wrong.append(f"{type(rule).__name__} spread {spread}: true score "
+                             f"{float(scores[list(chosen - expected)].max() / scores.min()):.2f}x the minimum")
+    assert not wrong, "\n".join(wrong)
+
+
+def float64_weiszfeld(deltas: torch.Tensor, alpha: torch.Tensor, iterations: int, smoothing: float) -> torch.Tensor:
+    """Client weights of the smoothed Weiszfeld iterate after `iterations` steps, with direct float64 distances."""
+    rows, alpha = deltas.double(), alpha.double() / alpha.sum()
+    beta = alpha
+    for _ in range(iterations):
+        z = beta @ rows  # [n_params]
+        dists = torch.linalg.vector_norm(rows - z, dim=1)  # |w_k - z|, [n]
+        beta = alpha / dists.clamp_min(smoothing)
+        beta = beta / beta.sum()
+    return beta
+
+
+@pytest.mark.parametrize("n", [5, 30, 100])
+def test_rfa_matches_a_float64_weiszfeld_on_near_identical_updates(n):
+    # z = sum_k beta_k w_k, so |z - z_ref| <= |beta - beta_ref|_1 * max_k |w_k - z_ref|: an L1 gap of the
+    # weights under 1e-3 puts the point within 0.1 % of the cluster's width of the reference's.
+    wrong = []
+    for spread in NEAR_SPREADS:
+        deltas = near_identical(n, spread, seed=0)
+        counts = torch.randint(1, 100, (n,), generator=gen(n)).float()
+        result = GeometricMedian(max_iterations=25, tolerance=0.0)(deltas, counts, gen())
+        reference = float64_weiszfeld(deltas, counts, iterations=25, smoothing=1e-5)
+        gap = float((result.client_weights.double() - reference).abs().sum())
+        if not gap < 1e-3:
+            wrong.append(f"spread {spread}: |beta - beta_ref|_1 = {gap:.2g}")
+    assert not wrong, "\n".join(wrong)
+
+
 # ----- coordinate-wise rules -----
 
 def test_coordinate_median_hand_computed():
@@ -429,9 +510,12 @@ def test_chunked_paths_agree_with_unchunked_ones(monkeypatch):
         torch.testing.assert_close(result.update, reference.update, rtol=1e-6, atol=1e-7)
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("spread", [None, 1e-5], ids=["ordinary", "near_identical"])  # plain and centred Gram
+def test_results_do_not_depend_on_the_thread_count(spread):
     g = gen(10)
     deltas = torch.randn(12, 300_000, generator=g) * torch.rand(12, 1, generator=g)
+    if spread is not None:
+        deltas = torch.randn(300_000, generator=g) + spread * deltas
     counts = torch.randint(1, 100, (12,), generator=g).float()
     rules = [lambda: Krum(1), lambda: MultiKrum(1), GeometricMedian, CoordinateMedian, lambda: TrimmedMean(0.1),
              lambda: NormClipping(0.5), lambda: WeakDP(0.5, 0.1)]
