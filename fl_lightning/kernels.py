@@ -40,7 +40,8 @@ GRAM_CPU_GROUP_BYTES = 8 << 20
 NORM_BLOCK = 4096
 """Columns per block of the row norms (short float32 accumulations, summed in float64)."""
 CENTRE_BELOW = 1e-3
-"""Squared distance, relative to the largest squared norm, below which distances come from a centred Gram matrix."""
+"""Squared distance of a pair, relative to the sum of its squared norms, below which distances come from a centred
+Gram matrix."""
 SORT_COLUMN_CHUNK = 65536
 """Columns per chunk of the coordinate-wise sorts on the CPU (bounds the sorted copy)."""
 
@@ -156,8 +157,8 @@ def distance_gram(deltas: Tensor) -> Tensor:
     of what they multiply. From the plain Gram matrix that is ~1e-7 of `|update|^2` on every
     distance, so updates closer than ~0.1 % of their size (colluding near-copies, late rounds) get
     distances off by more than the distances themselves. The plain Gram matrix is kept when every
-    pair is at least `CENTRE_BELOW` times the largest squared norm apart: its errors are then at
-    most a few 1e-4 of the smallest distance. Otherwise a second pass gives the centred one
+    pair's squared distance is at least `CENTRE_BELOW` times the sum of the pair's squared norms:
+    its errors are then at most a few 1e-4 of each distance. Otherwise a second pass gives the centred one
     (`gram_matrix(deltas, centred=True)`), whose errors are ~1e-7 of the spread's square. Always
     centring would cost ordinary rounds an extra pass over the updates (`benchmarks/README.md`).
 
@@ -170,9 +171,10 @@ def distance_gram(deltas: Tensor) -> Tensor:
     """
     gram = gram_matrix(deltas)  # [n, n]
     if deltas.shape[0] > 1:
-        others = sq_distances(gram)
-        others.fill_diagonal_(math.inf)  # the smallest distance between two different updates
-        if others.min() < CENTRE_BELOW * gram.diagonal().max():
+        sq_norms = gram.diagonal()  # [n]
+        others = sq_distances(gram)  # [n, n]
+        others.fill_diagonal_(math.inf)  # an update is not close to itself
+        if bool((others < CENTRE_BELOW * (sq_norms[:, None] + sq_norms[None, :])).any()):
             return gram_matrix(deltas, centred=True)
     return gram
 
