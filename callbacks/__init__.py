@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from fl_lightning.aggregation import Aggregator, FedAvg
 from fl_lightning.callbacks.clipping import NormClipping, WeakDP
+from fl_lightning.callbacks.coordinatewise import CoordinateMedian, TrimmedMean
 from fl_lightning.callbacks.edge_case import EdgeCaseAttack
-from fl_lightning.callbacks.robust import CoordinateMedian, GeometricMedian, Krum, MultiKrum, TrimmedMean
+from fl_lightning.callbacks.krum import Krum, MultiKrum
+from fl_lightning.callbacks.rfa import GeometricMedian
 from fl_lightning.hooks import FLCallback
 
 __all__ = [

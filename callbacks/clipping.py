@@ -4,8 +4,8 @@ Paper: Sun, Kairouz, Suresh and McMahan, "Can You Really Backdoor Federated Lear
 arXiv:1911.07963 (2019): clip every client's update to an L2 norm bound before averaging, and,
 for "weak DP", add Gaussian noise to the new global model.
 
-Deviations from the reference code (`defense.py` of Wang et al.; see the paper spec, sections 4.2,
-4.3 and 8):
+Deviations from the reference code (`defense.py` of Wang et al.; see `docs/reference-deviations.md`):
+    - The norms are taken by blocks of columns in float64 (`fl_lightning.kernels.row_norms`).
     - The clipping acts on the updates `[n, n_params]` (local minus global model) the server
       receives; the reference rebuilds each local model as `w_t + clipped update`, the same thing.
     - Any aggregator can run after clipping (`inner`); the reference always runs FedAvg.
@@ -24,11 +24,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg, weighted_sum
-from fl_lightning.callbacks.robust import _check_float
-
-NORM_BLOCK = 4096
-"""Columns per block of the row norms (short float32 accumulations, summed in float64)."""
+from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg
+from fl_lightning.config import ComponentError, FLArgs, check_argument, check_finite
+from fl_lightning.kernels import row_norms, weighted_sum
 
 
 def clip_to_norm(deltas: Tensor, norm_bound: float) -> Tensor:
@@ -55,23 +53,6 @@ def clip_factors(deltas: Tensor, norm_bound: float) -> Tensor:
     return (row_norms(deltas) / norm_bound).clamp_min(1.0)
 
 
-def row_norms(deltas: Tensor) -> Tensor:
-    """L2 norm of every update, `[n]`, accurate at millions of parameters.
-
-    `torch.linalg.vector_norm(deltas, dim=1)` accumulates a whole row in float32: at 10M parameters
-    its relative error reaches ~3e-4. Here each block of `NORM_BLOCK` columns gets its own norm and
-    the squares are summed in float64 (relative error ~1e-8). Every reduction has many outputs, so
-    each is computed on one thread and the result does not depend on the thread count.
-    """
-    n, n_params = deltas.shape
-    deltas = deltas.contiguous()
-    num_blocks = n_params // NORM_BLOCK
-    blocks = deltas[:, : num_blocks * NORM_BLOCK].view(n, num_blocks, NORM_BLOCK)  # a view
-    sq_norms = torch.linalg.vector_norm(blocks, dim=2).to(torch.float64).square().sum(dim=1)  # [n]
-    sq_norms += deltas[:, num_blocks * NORM_BLOCK:].to(torch.float64).square().sum(dim=1)  # the tail columns
-    return sq_norms.sqrt().to(deltas.dtype)
-
-
 class NormClipping(Aggregator):
     """Norm-difference clipping: every update is clipped to `norm_bound`, then `inner` aggregates them.
 
@@ -81,11 +62,15 @@ class NormClipping(Aggregator):
     """
 
     def __init__(self, norm_bound: float = 2.0, inner: Aggregator | None = None) -> None:
-        _check_float(self, "norm_bound", norm_bound, positive=True)
+        check_argument(self, "norm_bound", check_finite, norm_bound, positive=True)
         if inner is not None and not isinstance(inner, Aggregator):
-            raise ValueError(f"{type(self).__name__} inner must be an Aggregator or None, got {inner!r}")
+            raise ComponentError(type(self).__name__, "inner", f"{type(self).__name__} inner must be an Aggregator "
+                                                                f"or None, got {inner!r}")
         self.norm_bound = norm_bound
         self.inner = inner if inner is not None else FedAvg()  # stored resolved, so the saved config says FedAvg
+
+    def check_run(self, fl: FLArgs) -> None:
+        self.inner.check_run(fl)
 
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
         if type(self.inner) is FedAvg:
@@ -112,7 +97,7 @@ class WeakDP(NormClipping):
 
     def __init__(self, norm_bound: float = 2.0, stddev: float = 0.025, inner: Aggregator | None = None) -> None:
         super().__init__(norm_bound=norm_bound, inner=inner)
-        _check_float(self, "stddev", stddev, positive=False)
+        check_argument(self, "stddev", check_finite, stddev, positive=False)
         self.stddev = stddev
 
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:

@@ -42,7 +42,6 @@ from fl_lightning.config import (
     check_int,
     check_non_negative,
     check_positive,
-    component_option,
 )
 from fl_lightning.evaluation import Evaluator
 from fl_lightning.hooks import FLCallback
@@ -89,14 +88,11 @@ class EdgeCaseAttack(FLCallback):
         self.eps, self.project_every, self.eps_decay = eps, project_every, eps_decay
         self.adv_lr, self.adv_epochs, self.measure_attacker = adv_lr, adv_epochs, measure_attacker
         for name in ("attack_every", "start_round", "num_adversaries", "pool_size", "project_every", "adv_epochs"):
-            check_argument(self, name, check_int(component_option(self, name), getattr(self, name), minimum=1))
+            check_argument(self, name, check_int, getattr(self, name), minimum=1)
         for name in ("eps", "adv_lr"):
-            check_argument(self, name, check_positive(component_option(self, name), getattr(self, name)))
-        check_argument(self, "prox_coefficient",
-                       check_non_negative(component_option(self, "prox_coefficient"), prox_coefficient))
-        if end_round is not None:
-            check_argument(self, "end_round", check_int(component_option(self, "end_round"), end_round,
-                                                        minimum=start_round, hint="not before start_round"))
+            check_argument(self, name, check_positive, getattr(self, name))
+        check_argument(self, "prox_coefficient", check_non_negative, prox_coefficient)
+        check_argument(self, "end_round", check_int, end_round, minimum=start_round, hint="not before start_round")
         self._prox_handles: list[Any] = []
 
     # ----- setup and schedule -----

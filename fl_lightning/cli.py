@@ -103,10 +103,14 @@ def parse_error_line(err: BaseException, argv: list[str]) -> str:
         return f"{str(cause).replace(own_name, option, 1)} ({cause.component})"
     if cause is not None:
         return one_line(str(cause))
+    line = one_line(str(err))
+    nested = re.match(r"--([\w.]+)=NestedArg\(key='([^']+)', val='([^']*)'\): Option '[^']+' is not accepted", line)
+    if nested:
+        return f"--{nested[1]}.{nested[2]}={nested[3]}: not an argument of the chosen class (see --help)"
     if required := re.search(r"arguments are required: (.+)$", str(err)):  # `fit.task` -> `--task`
         names = [f"--{name.strip().split('.', 1)[-1]}" for name in required.group(1).split(",")]
         return f"{', '.join(names)}: required"
-    return one_line(str(err))
+    return line
 
 
 def component_prefix(class_name: str, argv: list[str]) -> str:

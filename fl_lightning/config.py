@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, TypeVar
 
@@ -190,20 +190,22 @@ def check_choice(option: str, value: Any, allowed: Sequence[str], what: str, hin
     return f"{option}={value!r}: unknown {what}{f' ({hint})' if hint else ''}; allowed: {', '.join(allowed)}"
 
 
-def check_argument(owner: object, name: str, problem: str | None) -> None:
-    """Raises `ComponentError` for `owner`'s constructor argument `name` if a check found a problem.
+def check_finite(option: str, value: Any, positive: bool) -> str | None:
+    """`option` must be a finite number > 0 (`positive`) or >= 0."""
+    if _is_number(value) and value >= 0 and not (positive and value == 0):
+        return None
+    return f"{option} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
 
-    The problem comes from the helpers above, called with `f"{type(owner).__name__} {name}"` as the option:
-    `check_argument(self, "eps", check_positive(f"{type(self).__name__} eps", eps))`. `component_option`
-    is the short way to write that option.
+
+def check_argument(owner: object, name: str, check: Callable[..., str | None], value: Any, *args: Any,
+                   **kwargs: Any) -> None:
+    """Runs one of the checks above on a component's constructor argument; raises `ComponentError` on a problem.
+
+    `check_argument(self, "beta", check_finite, beta, positive=False)` raises
+    `TrimmedMean beta must be a finite number >= 0, got -0.1`, which the CLI names as `--aggregator.beta`.
     """
-    if problem:
+    if problem := check(f"{type(owner).__name__} {name}", value, *args, **kwargs):
         raise ComponentError(type(owner).__name__, name, problem)
-
-
-def component_option(owner: object, name: str) -> str:
-    """How a component's argument is named in its own messages: `EdgeCaseAttack eps`."""
-    return f"{type(owner).__name__} {name}"
 
 
 def raise_problems(problems: Iterable[str | None]) -> None:
@@ -251,7 +253,12 @@ def component_config(obj: Any) -> dict[str, Any]:
         value = getattr(obj, name)
         init_args[name] = component_config(value) if hasattr(value, "__dict__") and not isinstance(
             value, type) else value
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+    from fl_lightning import callbacks  # here, not at the top: callbacks import this module
+
+    # A class exported by `fl_lightning.callbacks` is written by that name, which stays valid when modules move.
+    exported = getattr(callbacks, cls.__name__, None) is cls
+    path = f"{callbacks.__name__}.{cls.__name__}" if exported else f"{cls.__module__}.{cls.__qualname__}"
+    return {"class_path": path, "init_args": init_args}
 
 
 def group_dict(args: Any) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from fl_lightning.aggregation import FedAvg, weighted_sum
+from fl_lightning import kernels
+from fl_lightning.aggregation import FedAvg
+from fl_lightning.kernels import weighted_sum
 
 
 def test_fedavg_hand_computed():
@@ -32,13 +34,12 @@ def test_weighted_sum_matches_matrix_product():
 
 
 def test_wide_weighted_sum_by_column_chunks_is_bitwise_the_whole_row_sum(monkeypatch):
-    from fl_lightning import aggregation
     rows, weights = torch.randn(6, 1000), [0.5, 0.0, 0.25, 1e-3, 0.125, 0.3]
     whole = torch.zeros(1000, dtype=torch.float64)
     for weight, row in zip(weights, rows):
         if weight:
             whole.add_(row, alpha=weight)
-    monkeypatch.setattr(aggregation, "WIDE_SUM_CHUNK", 96)  # chunks plus a short last one
+    monkeypatch.setattr(kernels, "WIDE_SUM_CHUNK", 96)  # chunks plus a short last one
     chunked = weighted_sum(rows, weights, torch.float64)
     assert chunked.dtype == torch.float64 and torch.equal(chunked, whole)
 

@@ -181,7 +181,7 @@ def test_bad_fit_setting_stops_before_launch(capsys, workdir, argv, option):
     assert_clean_refusal(code, err, option, workdir)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A real one-round toy run (made once) to validate and report on."""
     root = tmp_path_factory.mktemp("finished")
@@ -208,6 +208,7 @@ def test_bad_command_stops_before_any_work(capsys, workdir, finished_run, argv, 
     (workdir / "empty").mkdir()
     fill = {"{run}": str(finished_run), "{empty}": str(workdir / "empty"), "{sweep}": str(sweep)}
     argv = [fill.get(arg, arg) for arg in argv]
+    capsys.readouterr()  # the finished run's own output
     code, _, err = run_main(capsys, *argv)
     assert_clean_refusal(code, err, fill.get(option, option), workdir)
 

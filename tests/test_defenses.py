@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cli_helpers import final_model, read_metrics, run_cli
+from cli_helpers import final_model, read_metrics, run_cli, run_main
 
+from fl_lightning import kernels
 from fl_lightning.aggregation import Aggregate, FedAvg
 from fl_lightning.callbacks import (
     CoordinateMedian,
@@ -24,10 +25,10 @@ from fl_lightning.callbacks import (
     NormClipping,
     TrimmedMean,
     WeakDP,
-    robust,
 )
-from fl_lightning.callbacks.clipping import clip_to_norm, row_norms
-from fl_lightning.callbacks.robust import gram_matrix, krum_scores, pairwise_sq_distances
+from fl_lightning.callbacks.clipping import clip_to_norm
+from fl_lightning.callbacks.krum import krum_scores
+from fl_lightning.kernels import gram_matrix, pairwise_sq_distances, row_norms
 
 # Five updates on a line, shifted by a constant (distances ignore it): x = 0, 1, 2, 4, 10.
 LINE = torch.tensor([[0.0, 1.0, -1.0], [1.0, 1.0, -1.0], [2.0, 1.0, -1.0], [4.0, 1.0, -1.0], [10.0, 1.0, -1.0]])
@@ -173,7 +174,7 @@ def test_krum_hand_computed():
 def test_multi_krum_hand_computed_with_each_clients_own_count():
     result = MultiKrum(num_adversaries=1)(LINE, LINE_COUNTS, gen())
     # keeps n - f = 4 (drops x = 10, score 100); weights are the selected clients' own counts (1, 2, 3, 4) / 10,
-    # not shifted by one as in the reference's rounds without an attacker (spec Q11)
+    # not shifted by one as in the reference's rounds without an attacker (`docs/reference-deviations.md`, Q11)
     torch.testing.assert_close(result.client_weights, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0]))
     torch.testing.assert_close(result.update, torch.tensor([0.1 * 0 + 0.2 * 1 + 0.3 * 2 + 0.4 * 4, 1.0, -1.0]))
 
@@ -303,7 +304,7 @@ def test_rfa_agrees_with_a_brute_force_geometric_median():
 
 def reference_rfa(points: np.ndarray, counts: np.ndarray, maxiter: int = 500, eps: float = 1e-5,
                   ftol: float = 1e-7) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's smoothed Weiszfeld (paper spec 4.5), transcribed to numpy: direct float64 distances."""
+    """The reference's smoothed Weiszfeld, transcribed to numpy: direct float64 distances."""
     alphas = counts / counts.sum()
     median = (alphas[:, None] * points).sum(0)
     obj = sum(a * np.linalg.norm(median - p) for a, p in zip(alphas, points))
@@ -338,6 +339,87 @@ def test_rfa_without_iterations_is_the_weighted_mean():
     result = GeometricMedian(max_iterations=0)(deltas, counts, gen())
     torch.testing.assert_close(result.update, counts @ deltas / counts.sum())
     torch.testing.assert_close(result.client_weights, counts / counts.sum())
+
+
+# ----- near-identical updates (colluding near-copies, late rounds) -----
+# Distances of float32 rows taken from their uncentred Gram matrix carry errors of ~1e-7 |update|^2, which
+# swamp the distances themselves once updates differ by less than ~0.1 % of their size. The references below
+# work on the same float32 rows in float64, directly from the differences.
+
+NEAR_SPREADS = [1e-3, 1e-4, 1e-5, 1e-6]
+NEAR_PARAMS = 20_000
+SCORE_MARGIN = 1e-6
+"""Smallest relative gap between the float64 scores at the selection boundary for a draw to count: the
+centred float32 Gram errs by ~1e-7 of the spread's square, so closer scores are genuine near-ties."""
+
+
+def near_identical(n: int, spread: float, seed: int) -> torch.Tensor:
+    """`base + spread * noise`: n float32 updates of size ~|base| (~141), each off the base by `spread` times
+    its own factor in [0.5, 1.5], so that their Krum scores differ."""
+    g = gen(seed)
+    base = torch.randn(NEAR_PARAMS, generator=g)
+    scales = 0.5 + torch.rand(n, 1, generator=g)
+    return base + spread * scales * torch.randn(n, NEAR_PARAMS, generator=g)
+
+
+def brute_force_sq_distances(deltas: torch.Tensor) -> torch.Tensor:
+    """`|a - b|^2` for every pair, from the float64 differences of the rows themselves (not a Gram matrix)."""
+    rows = deltas.double()
+    return torch.cdist(rows, rows, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+
+
+def clear_draw(n: int, spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first draw (seed 0, 1, ...) whose float64 Krum scores at both selection boundaries (Krum's first
+    and second, Multi-Krum's (n - 1)-th and n-th) differ by at least `SCORE_MARGIN` relative, with its scores."""
+    for seed in range(20):
+        deltas = near_identical(n, spread, seed)
+        scores = krum_scores(brute_force_sq_distances(deltas), num_adversaries=1)
+        ranked = scores.sort().values.tolist()
+        if all(ranked[k] - ranked[k - 1] >= SCORE_MARGIN * ranked[k] for k in (1, n - 1)):
+            return deltas, scores
+    raise AssertionError(f"no draw without a near-tie at n={n}, spread={spread}")
+
+
+@pytest.mark.parametrize("n", [5, 30, 100])
+def test_krum_and_multi_krum_select_as_a_float64_brute_force_on_near_identical_updates(n):
+    wrong = []
+    for spread in NEAR_SPREADS:
+        deltas, scores = clear_draw(n, spread)
+        for rule, selected in ((Krum(1), 1), (MultiKrum(1), n - 1)):
+            expected = set(scores.sort().indices[:selected].tolist())
+            chosen = set(rule(deltas, torch.ones(n), gen()).client_weights.nonzero().flatten().tolist())
+            if chosen != expected:
+                wrong.append(f"{type(rule).__name__} spread {spread}: true score "
+                             f"{float(scores[list(chosen - expected)].max() / scores.min()):.2f}x the minimum")
+    assert not wrong, "\n".join(wrong)
+
+
+def float64_weiszfeld(deltas: torch.Tensor, alpha: torch.Tensor, iterations: int, smoothing: float) -> torch.Tensor:
+    """Client weights of the smoothed Weiszfeld iterate after `iterations` steps, with direct float64 distances."""
+    rows, alpha = deltas.double(), alpha.double() / alpha.sum()
+    beta = alpha
+    for _ in range(iterations):
+        z = beta @ rows  # [n_params]
+        dists = torch.linalg.vector_norm(rows - z, dim=1)  # |w_k - z|, [n]
+        beta = alpha / dists.clamp_min(smoothing)
+        beta = beta / beta.sum()
+    return beta
+
+
+@pytest.mark.parametrize("n", [5, 30, 100])
+def test_rfa_matches_a_float64_weiszfeld_on_near_identical_updates(n):
+    # z = sum_k beta_k w_k, so |z - z_ref| <= |beta - beta_ref|_1 * max_k |w_k - z_ref|: an L1 gap of the
+    # weights under 1e-3 puts the point within 0.1 % of the cluster's width of the reference's.
+    wrong = []
+    for spread in NEAR_SPREADS:
+        deltas = near_identical(n, spread, seed=0)
+        counts = torch.randint(1, 100, (n,), generator=gen(n)).float()
+        result = GeometricMedian(max_iterations=25, tolerance=0.0)(deltas, counts, gen())
+        reference = float64_weiszfeld(deltas, counts, iterations=25, smoothing=1e-5)
+        gap = float((result.client_weights.double() - reference).abs().sum())
+        if not gap < 1e-3:
+            wrong.append(f"spread {spread}: |beta - beta_ref|_1 = {gap:.2g}")
+    assert not wrong, "\n".join(wrong)
 
 
 # ----- coordinate-wise rules -----
@@ -395,19 +477,19 @@ def test_rules_leave_their_inputs_alone_and_weights_sum_to_one(make):
 
 def test_gram_matrix_is_accurate_over_many_columns_and_in_the_float64_fallback(monkeypatch):
     g = gen(8)
-    deltas = torch.randn(6, 5 * robust.GRAM_BLOCK + 17, generator=g) + 0.5  # blocks plus a tail
+    deltas = torch.randn(6, 5 * kernels.GRAM_BLOCK + 17, generator=g) + 0.5  # blocks plus a tail
     exact = deltas.double() @ deltas.double().T
     torch.testing.assert_close(gram_matrix(deltas), exact, rtol=1e-6, atol=0)  # float32 within a block
-    monkeypatch.setattr(robust, "_fp32_matmul_is_exact", lambda device: False)  # as under TF32 / bf16 matmuls
-    monkeypatch.setattr(robust, "GRAM_MAX_PARTIAL", 6 * robust.GRAM_BLOCK * 2)  # two blocks per product
+    monkeypatch.setattr(kernels, "fp32_matmul_is_exact", lambda device: False)  # as under TF32 / bf16 matmuls
+    monkeypatch.setattr(kernels, "GRAM_MAX_PARTIAL", 6 * kernels.GRAM_BLOCK * 2)  # two blocks per product
     torch.testing.assert_close(gram_matrix(deltas), exact, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 30, 47])
 def test_gram_matrix_panels_cover_every_pair_once(n, monkeypatch):
     # panels of 16 columns, the last one shifted back to end at row n: no entry missed or counted twice
-    monkeypatch.setattr(robust, "GRAM_BLOCK", 256)
-    monkeypatch.setattr(robust, "GRAM_CPU_GROUP_BYTES", n * 256 * 4 * 2)  # two blocks per group
+    monkeypatch.setattr(kernels, "GRAM_BLOCK", 256)
+    monkeypatch.setattr(kernels, "GRAM_CPU_GROUP_BYTES", n * 256 * 4 * 2)  # two blocks per group
     deltas = torch.randn(n, 5 * 256 + 3, generator=gen(n)) + 0.25
     gram = gram_matrix(deltas)
     assert torch.equal(gram, gram.T)
@@ -419,18 +501,21 @@ def test_chunked_paths_agree_with_unchunked_ones(monkeypatch):
     deltas, counts = torch.randn(7, 1000, generator=g), torch.randint(1, 50, (7,), generator=g).float()
     rules = [lambda: MultiKrum(1), GeometricMedian, CoordinateMedian, lambda: TrimmedMean(0.2)]
     whole = [make()(deltas, counts, gen()) for make in rules]
-    monkeypatch.setattr(robust, "SORT_COLUMN_CHUNK", 45)
-    monkeypatch.setattr(robust, "GRAM_BLOCK", 64)
-    monkeypatch.setattr(robust, "GRAM_MAX_PARTIAL", 7 * 7 * 3)  # three blocks per product on GPUs
-    monkeypatch.setattr(robust, "GRAM_CPU_GROUP_BYTES", 7 * 64 * 4 * 3)  # and on CPUs
+    monkeypatch.setattr(kernels, "SORT_COLUMN_CHUNK", 45)
+    monkeypatch.setattr(kernels, "GRAM_BLOCK", 64)
+    monkeypatch.setattr(kernels, "GRAM_MAX_PARTIAL", 7 * 7 * 3)  # three blocks per product on GPUs
+    monkeypatch.setattr(kernels, "GRAM_CPU_GROUP_BYTES", 7 * 64 * 4 * 3)  # and on CPUs
     for make, reference in zip(rules, whole):
         result = make()(deltas, counts, gen())
         torch.testing.assert_close(result.update, reference.update, rtol=1e-6, atol=1e-7)
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("spread", [None, 1e-5], ids=["ordinary", "near_identical"])  # plain and centred Gram
+def test_results_do_not_depend_on_the_thread_count(spread):
     g = gen(10)
     deltas = torch.randn(12, 300_000, generator=g) * torch.rand(12, 1, generator=g)
+    if spread is not None:
+        deltas = torch.randn(300_000, generator=g) + spread * deltas
     counts = torch.randint(1, 100, (12,), generator=g).float()
     rules = [lambda: Krum(1), lambda: MultiKrum(1), GeometricMedian, CoordinateMedian, lambda: TrimmedMean(0.1),
              lambda: NormClipping(0.5), lambda: WeakDP(0.5, 0.1)]
@@ -454,13 +539,27 @@ def test_weak_dp_around_krum_through_the_cli(tmp_path):
             cwd=tmp_path)
     run_dir = tmp_path / "runs" / "dp_krum"
     config = yaml.safe_load((run_dir / "config.yaml").read_text())["aggregator"]
-    assert config["class_path"] == "fl_lightning.callbacks.clipping.WeakDP"
+    # exported classes are saved under their public name, which survives moves between modules
+    assert config["class_path"] == "fl_lightning.callbacks.WeakDP"
     assert config["init_args"]["stddev"] == 0.01 and config["init_args"]["norm_bound"] == 2.0
-    assert config["init_args"]["inner"] == {"class_path": "fl_lightning.callbacks.robust.Krum",
+    assert config["init_args"]["inner"] == {"class_path": "fl_lightning.callbacks.Krum",
                                             "init_args": {"num_adversaries": 1}}
     rows = read_metrics(run_dir)[1:]
     assert [float(r["num_adversaries"]) for r in rows] == [1.0, 1.0]
     assert [float(r["adversary_weight"]) for r in rows] == [0.0, 0.0]
+
+
+def test_configs_saved_before_the_rules_moved_still_load(capsys, tmp_path):
+    # config.yaml files written before robust.py was split name fl_lightning.callbacks.robust.Krum
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"task": "toy", "aggregator": {
+        "class_path": "fl_lightning.callbacks.clipping.WeakDP",
+        "init_args": {"norm_bound": 2.0, "stddev": 0.01, "inner": {
+            "class_path": "fl_lightning.callbacks.robust.Krum", "init_args": {"num_adversaries": 1}}}}}))
+    code, out, _ = run_main(capsys, "fit", "--config", str(path), "--print_config")
+    assert code == 0
+    inner = yaml.safe_load(out)["aggregator"]["init_args"]["inner"]
+    assert inner["class_path"].endswith("Krum") and inner["init_args"] == {"num_adversaries": 1}
 
 
 def test_weak_dp_noise_on_the_model_does_not_shrink_with_the_server_step(tmp_path):

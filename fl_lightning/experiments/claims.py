@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl_lightning.config import check_int, raise_problems
 from fl_lightning.experiments.report import RunResult, find_runs, summarize, write_report
 from fl_lightning.experiments.sweep import (
     PlannedRun,
@@ -307,6 +308,7 @@ def claims(*, out_dir: str = "runs/claims", quick: bool = False, jobs: int = 2) 
         quick: The smaller preset: emnist only, 10 rounds per run, two model widths.
         jobs: Runs at a time (each with cores / jobs threads).
     """
+    raise_problems([check_int("--jobs", jobs, minimum=1)])
     started = time.perf_counter()
     name = "quick" if quick else "full"
     preset, root = PRESETS[name], Path(out_dir)

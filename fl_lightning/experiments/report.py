@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from fl_lightning.config import flatten_config
+from fl_lightning.config import check_int, flatten_config, raise_problems
 from fl_lightning.experiments.sweep import INDEX_JSONL, read_index, short_class_name, slug
 
 SMOOTH_WINDOW = 10
@@ -274,6 +274,7 @@ def report(paths: list[str], *, out: str | None = None, group_by: list[str] | No
         facet: Key with one figure per value (None: the first grouping key when there are several).
         window: Rounds of the rolling mean over the target-task curve (the paper's 10).
     """
+    raise_problems([check_int("--window", window, minimum=1)])
     text, figures = write_report(paths, out, group_by, facet, window)
     print(text)
     for figure in figures:

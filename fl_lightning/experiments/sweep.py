@@ -45,7 +45,7 @@ import yaml
 
 from fl_lightning.checkpoint import CHECKPOINT_NAME, MODEL_NAME
 from fl_lightning.cli import check_fit_args
-from fl_lightning.config import ConfigError
+from fl_lightning.config import ConfigError, check_int, raise_problems
 from fl_lightning.data import DataError
 
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
@@ -494,6 +494,7 @@ def sweep(file: str, *, max_runs: int | None = None, overrides: list[str] | None
         jobs: Runs at a time; each then gets `--num_threads` = cores / jobs unless the sweep sets it.
         dry_run: Print each run's command and status without running anything.
     """
+    raise_problems([check_int("--max_runs", max_runs, minimum=1), check_int("--jobs", jobs, minimum=1)])
     _, rows = run_sweep(file, max_runs, overrides, out_dir, sample_seed, jobs, dry_run)
     failed = [row["name"] for row in rows if row["status"] == "failed"]
     if failed:
