@@ -19,10 +19,10 @@ round from `start_round` to `end_round`; the defaults reproduce the reference: e
 from round 1) and `fixed_pool` (a seeded pool of `pool_size` client ids; every sampled member
 attacks). Adversarial slots depend only on (seed, round), so every rank and a resumed run agree.
 
-Deviations from the reference code (paper-spec §8), fixed rather than copied: the attacker takes
-a seeded slot, not always slot 0 with a fake id (Q2, pitfall 6); with several attackers in a round
-the replacement scale is shared (Q15: the reference overshoots k-fold); PGD's eps decays only when
-asked (`eps_decay`; the reference ties it to Krum, Q17); the attack schedule is a parameter (Q1).
+Deviations from the reference code (`docs/reference-deviations.md`), fixed rather than copied: the
+attacker takes a seeded slot, not always slot 0 with a fake id (#q2); with several attackers in a
+round the replacement scale is shared (#q15: the reference overshoots k-fold); PGD's eps decays only
+when asked (`eps_decay`; the reference ties it to Krum, #q17); the attack schedule is a parameter (#q1).
 """
 
 from __future__ import annotations

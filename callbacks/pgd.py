@@ -32,7 +32,7 @@ def replacement_scale(total_examples: float, adversary_examples: float) -> float
     `total / (sum of the adversaries' n)` makes their combined contribution the mean of their
     updates, so the global model is replaced by (the mean of) the attackers' models when the
     honest updates are small. With one attacker this is the reference's `1 / p_adv`; with k
-    attackers it avoids the reference's k-fold overshoot (paper-spec Q15).
+    attackers it avoids the reference's k-fold overshoot (docs/reference-deviations.md#q15).
     """
     if adversary_examples <= 0 or total_examples < adversary_examples:
         raise ValueError(f"need 0 < adversary examples ({adversary_examples}) <= total examples ({total_examples})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, TypeVar
@@ -253,11 +254,11 @@ def component_config(obj: Any) -> dict[str, Any]:
         value = getattr(obj, name)
         init_args[name] = component_config(value) if hasattr(value, "__dict__") and not isinstance(
             value, type) else value
-    from fl_lightning import callbacks  # here, not at the top: callbacks import this module
-
-    # A class exported by `fl_lightning.callbacks` is written by that name, which stays valid when modules move.
-    exported = getattr(callbacks, cls.__name__, None) is cls
-    path = f"{callbacks.__name__}.{cls.__name__}" if exported else f"{cls.__module__}.{cls.__qualname__}"
+    # A class exported by `fl_lightning.callbacks` is written by that name, which stays valid when modules
+    # move. Looked up among the loaded modules: the engine never imports the component library itself.
+    library = sys.modules.get("fl_lightning.callbacks")
+    exported = library is not None and getattr(library, cls.__name__, None) is cls
+    path = f"fl_lightning.callbacks.{cls.__name__}" if exported else f"{cls.__module__}.{cls.__qualname__}"
     return {"class_path": path, "init_args": init_args}
 
 
