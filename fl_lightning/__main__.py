@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         subcommands = parser.add_subcommands(required=True)
         for name, function in COMMANDS.items():
             command = command_parser(function, FORMS.get(name))
-            subcommands.add_subcommand(name, command, help=command.description)
+            subcommands.add_subcommand(name, command, help=inspect.getdoc(function).split("\n\n")[0])
         try:
             init = parser.instantiate(parser.parse_args(argv))
         except (argparse.ArgumentError, ValueError) as err:  # a bad value, or a component's own check

@@ -41,7 +41,7 @@ def command_parser(function: Callable, forms: dict[str, Form] | None = None) -> 
             positional from a type); the help still comes from the function's docstring.
     """
     forms = forms or {}
-    description = inspect.getdoc(function).split("\n\n")[0]
+    description = inspect.getdoc(function).split("\nArgs:")[0].strip()  # the text before the arguments
     parser = ArgumentParser(description=description)
     parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file.")
     parser.add_function_arguments(function, as_group=False, as_positional=True, sub_configs=True, skip=set(forms))

@@ -82,6 +82,11 @@ def fit(
 ) -> list[dict[str, float]]:
     """Trains a federated model on a task, with optional attacks (callbacks) and defenses (aggregator).
 
+    A task (`--task`, `tasks/`) brings its model, data and the paper's presets; attacks are FL callbacks
+    (`--callbacks+=EdgeCaseAttack`, `callbacks/edge_case.py`) and defenses are aggregators over the
+    stacked updates (`--aggregator Krum`, `callbacks/`). Every setting is checked before any process
+    starts or any file is written (`check_fit`); a bad one ends in one `error:` line.
+
     Args:
         task: The task, by name; its presets are the paper's hyperparameters.
         model: A model variant of the task (capacity experiments), e.g. `vgg11`; None: the preset.

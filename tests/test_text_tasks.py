@@ -151,7 +151,8 @@ def test_grouped_split_is_csr_and_seeded():
 def test_classifier_parameter_count(vocab, hidden):
     model = LSTMClassifier(vocab, hidden_size=hidden)
     count = sum(p.numel() for p in model.parameters())
-    # Embedding 200·V; LSTM layer l: 4H(in + H) + 8H; head H + 1. At H=200: 200·V + 643,401 (docs/reference-deviations.md#§5.4).
+    # Embedding 200·V; LSTM layer l: 4H(in + H) + 8H; head H + 1. At H=200: 200·V + 643,401
+    # (docs/reference-deviations.md#§5.4).
     assert count == 200 * vocab + 4 * hidden * (200 + hidden) + 8 * hidden + 4 * hidden * 2 * hidden + 8 * hidden \
         + hidden + 1
     if hidden == 200:
