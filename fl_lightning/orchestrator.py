@@ -302,7 +302,7 @@ def run_rounds(run: Run, state: RunState) -> list[dict[str, float]]:
         #    into the round buffer; on one machine the buffer is the result, with no copy).
         updates = run.gather(local, len(plan.client_ids), state.global_params.numel(), state.global_params.dtype)
         # 4. Aggregate: non-finite updates are rejected, never averaged in.
-        updates, rejected = reject_non_finite(updates)
+        updates, rejected, norms = reject_non_finite(updates)
         fabric.call("on_before_aggregate", updates=updates, round_idx=round_idx)
         aggregate = run.aggregate(updates, round_idx)
         fabric.call("on_after_aggregate", aggregate=aggregate, round_idx=round_idx)
@@ -311,7 +311,9 @@ def run_rounds(run: Run, state: RunState) -> list[dict[str, float]]:
         broadcast_tensor_(fabric, state.global_params)
         state.round_idx = round_idx
         # 6. Measure.
-        metrics = round_metrics(updates, aggregate, len(rejected)) | {"lr": client_lr(run.client, round_idx)}
+        # The norms measured before `on_before_aggregate`, unless a hook may have changed the rows.
+        metrics = (round_metrics(updates, aggregate, len(rejected), None if run.gather.private else norms)
+                   | {"lr": client_lr(run.client, round_idx)})
         run.gather.release()  # the last read of the round's updates: their buffer is free for the next round
         if is_due(round_idx, fl.eval_every, fl.rounds):
             metrics |= run.evaluate(state.global_params)
