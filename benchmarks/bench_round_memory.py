@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fl_lightning.config import ClientArgs, DataArgs, FLArgs, LogArgs, preset
+from fl_lightning.hooks import FLCallback
 from fl_lightning.task import ClientPartition, FederatedData, Task, TaskSettings
 from fl_lightning.tasks.reddit import LSTMLanguageModel
 
@@ -92,6 +93,17 @@ def status() -> dict[str, int]:
     return values
 
 
+class AtFirstRound(FLCallback):
+    """Records the memory counters when the first round starts (data, model and start state built)."""
+
+    def __init__(self) -> None:
+        self.at_start: dict[str, int] = {}
+
+    def on_round_start(self, round_idx: int, plan: object) -> None:
+        if not self.at_start:
+            self.at_start = status()
+
+
 def child(args: argparse.Namespace) -> None:
     """One configuration (this runs in every rank: Fabric starts rank 1 with the same command line)."""
     from fl_lightning.orchestrator import fit
@@ -110,14 +122,16 @@ def child(args: argparse.Namespace) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
-    history = fit(task="reddit_shaped", fl=FLArgs(rounds=args.rounds, clients_per_round=args.m, eval_every=0,
-                                                  checkpoint_every=0),
+    probe = AtFirstRound()
+    history = fit(task="reddit_shaped", callbacks=[probe],
+                  fl=FLArgs(rounds=args.rounds, clients_per_round=args.m, eval_every=0, checkpoint_every=0),
                   log=LogArgs(logger="none", progress_bar=False), out_dir=args.out, name="run",
                   accelerator="cpu", devices=args.devices, num_threads=1)
     done.set()
     sampler.join()
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     result = {"rank": rank, "VmHWM": status()["VmHWM"], **{f"peak_{k}": v for k, v in peaks.items()},
+              **{f"start_{k}": v for k, v in probe.at_start.items()},
               "seconds": time.perf_counter() - started, "round_seconds": [row["seconds"] for row in history]}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -158,7 +172,9 @@ def main() -> None:
         for r in ranks:
             print(f"  {devices} process(es), rank {r['rank']}: VmHWM {r['VmHWM'] * gib:.2f} GiB "
                   f"({r['VmHWM'] * gib / stacked:.2f}x), peak RssAnon {r['peak_RssAnon'] * gib:.2f} GiB, "
-                  f"peak RssShmem {r['peak_RssShmem'] * gib:.2f} GiB; s/round {r['round_seconds']}")
+                  f"peak RssShmem {r['peak_RssShmem'] * gib:.2f} GiB; at the first round's start: VmRSS "
+                  f"{r['start_VmRSS'] * gib:.2f}, RssAnon {r['start_RssAnon'] * gib:.2f} GiB; "
+                  f"s/round {', '.join(f'{s:.1f}' for s in r['round_seconds'])}")
         shared = max(r["peak_RssShmem"] for r in ranks)
         total = sum(r["peak_RssAnon"] for r in ranks) + shared
         private = " + ".join(f"{r['peak_RssAnon'] * gib:.2f}" for r in ranks)
