@@ -285,7 +285,8 @@ class BatchedTrainer:
         updates = []
         for row, ctx in sorted(enumerate(ctxs), key=lambda item: item[1].slot):
             update = ClientUpdate(
-                slot=ctx.slot, client_id=ctx.client_id, delta=final[row] - ctx.global_params,
+                slot=ctx.slot, client_id=ctx.client_id,
+                delta=torch.sub(final[row], ctx.global_params, out=ctx.delta_out),
                 num_examples=ctx.num_examples if ctx.num_examples is not None else int(ctx.inputs.shape[0]),
                 loss=float(loss_sums[row]) / max(schedule.steps[row], 1), is_adversary=ctx.is_adversary)
             # Hooks see the rank's model holding this client's trained parameters, as after sequential training.

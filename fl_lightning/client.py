@@ -61,8 +61,10 @@ def start_client(fabric: Fabric, task: Task, ctx: LocalTraining) -> None:
 def finish_client(fabric: Fabric, task: Task, ctx: LocalTraining) -> ClientUpdate:
     """The rest of `train_client` after `start_client`: local epochs, the update, `on_client_end`."""
     mean_loss = train_epochs(fabric, task, ctx)
+    # Local minus global, written into the client's row of the round buffer: no per-client tensor.
+    delta = flat_params(task, out=ctx.delta_out).sub_(ctx.global_params)
     update = ClientUpdate(
-        slot=ctx.slot, client_id=ctx.client_id, delta=flat_params(task) - ctx.global_params,
+        slot=ctx.slot, client_id=ctx.client_id, delta=delta,
         num_examples=ctx.num_examples if ctx.num_examples is not None else int(ctx.inputs.shape[0]),
         loss=mean_loss, is_adversary=ctx.is_adversary,
     )

@@ -23,59 +23,101 @@ from fl_lightning.types import ClientUpdate, RoundUpdates
 
 
 class UpdateGatherer:
-    """Gathers every rank's client updates into one `RoundUpdates`, in slot order, on every rank.
+    """The round buffer of the clients' updates, and their gather into one `RoundUpdates`, in slot order, on every rank.
 
-    When all ranks are CPU processes of one machine, the updates travel through one shared-memory
-    buffer (a file in /dev/shm that every rank maps): each rank writes its rows, the metadata
-    all_gather tells everyone that all rows are written, every rank copies the rows out in slot
-    order, and a barrier keeps the next round's writes from overtaking a slower rank's copy. gloo
-    moves an all_gather of W-EMNIST's 144 MB in ~0.4 s, 8 % of a round; the buffer takes
-    milliseconds. Otherwise (GPUs, several machines, too little /dev/shm) it is one all_gather.
+    The buffer is allocated once per run (its shape and dtype are fixed) and reused every round.
+    Before training, `rows` hands each of the rank's clients its row; the client writes its delta
+    straight into it (`client.finish_client`), so there is no per-client delta tensor and no stack.
+    Three layouts:
 
-    Ranks hold `ceil(num_slots / world)` or one fewer updates: each pads to the larger count with
-    zero rows (all_gather needs equal shapes), and the padding is dropped after the gather.
+    * one process: `[m, n_params]` in slot order; the gather copies nothing.
+    * several CPU processes of one machine: `[m, n_params]` in slot order in shared memory (a file
+      in /dev/shm, created owner-only and unlinked once every rank mapped it). Each rank writes the
+      rows of its slots; the metadata all_gather tells everyone that all rows are written, and the
+      buffer itself is every rank's `RoundUpdates.deltas`, so no rank holds a private copy. The
+      hazard this leaves (a faster rank's next-round writes overwriting rows a slower rank still
+      reads) is closed by `release`, a barrier at the end of the round. gloo moves an all_gather of
+      W-EMNIST's 144 MB in ~0.4 s, 8 % of a round; the buffer takes milliseconds.
+    * otherwise (GPUs, several machines, too little /dev/shm): `[ceil(m / world), n_params]` per
+      rank, the rank's clients in their order, padded with zero rows (all_gather needs equal
+      shapes), then one all_gather and a copy into slot order.
+
+    Args:
+        fabric: The run's Fabric.
+        shared_dir: Where the shared-memory file is made.
+        private: Give each rank a private copy of shared rows (for `on_before_aggregate` hooks,
+            which may change rows in place on every rank).
     """
 
-    def __init__(self, fabric: Fabric, shared_dir: str = "/dev/shm") -> None:
+    def __init__(self, fabric: Fabric, shared_dir: str = "/dev/shm", private: bool = False) -> None:
         self.fabric = fabric
         self.shared_dir = shared_dir
-        self.shared: Tensor | None = None  # [world * rows_per_rank, n_params], mapped by every rank
+        self.private = private
+        self.buffer: Tensor | None = None  # the round buffer, in one of the layouts above
+        self.shared: Tensor | None = None  # the buffer when it is the shared [m, n_params] one
         self.shared_checked = False
+        self.pending_release = False
+
+    def rows(self, slots: list[int], num_slots: int, num_params: int,
+             dtype: torch.dtype = torch.float32) -> list[Tensor]:
+        """The round-buffer rows, `[n_params]` each, that this rank's clients (`slots`, in order) write into."""
+        buffer = self.round_buffer(num_slots, num_params, dtype)
+        if self.in_slot_order:
+            return [buffer[slot] for slot in slots]
+        position = {slot: row for row, slot in enumerate(sorted(slots))}  # the rank's clients in slot order
+        return [buffer[position[slot]] for slot in slots]
+
+    @property
+    def in_slot_order(self) -> bool:
+        return self.shared is not None or self.fabric.world_size == 1
+
+    def round_buffer(self, num_slots: int, num_params: int, dtype: torch.dtype) -> Tensor:
+        """The round buffer, made on first use (and again only if the shape or dtype changed)."""
+        fabric = self.fabric
+        if fabric.world_size > 1:
+            shared = self.shared_buffer(num_slots, num_params, dtype)
+            if shared is not None:
+                self.buffer = shared
+                return shared
+        num_rows = num_slots if fabric.world_size == 1 else math.ceil(num_slots / fabric.world_size)
+        if self.buffer is None or self.buffer.shape != (num_rows, num_params) or self.buffer.dtype != dtype:
+            self.buffer = None  # free the old one first
+            self.buffer = torch.zeros(num_rows, num_params, dtype=dtype, device=fabric.device)
+        return self.buffer
 
     def __call__(self, local: list[ClientUpdate], num_slots: int, num_params: int,
                  dtype: torch.dtype = torch.float32) -> RoundUpdates:
         fabric = self.fabric
-        rows_per_rank = math.ceil(num_slots / fabric.world_size)
-        shared = self.shared_buffer(rows_per_rank * fabric.world_size, num_params, dtype)
-        if shared is not None:
-            for row, update in enumerate(local):
-                shared[fabric.global_rank * rows_per_rank + row].copy_(update.delta)
-            deltas = shared
-        else:
-            deltas = torch.zeros(rows_per_rank, num_params, dtype=dtype, device=fabric.device)  # [rows, n_params]
-            for row, update in enumerate(local):
-                deltas[row] = update.delta
-            if fabric.world_size > 1:
-                deltas = fabric.all_gather(deltas).reshape(-1, num_params)  # [world * rows, n_params]
+        local = sorted(local, key=lambda u: u.slot)
+        rows = self.rows([u.slot for u in local], num_slots, num_params, dtype)
+        buffer = self.buffer
+        for row, update in zip(rows, local):
+            if update.delta.data_ptr() != row.data_ptr():  # a delta made elsewhere (a test, a hook's new tensor)
+                row.copy_(update.delta)
+        if not self.in_slot_order:
+            buffer[len(local):].zero_()  # the padding
         meta = [{"slot": u.slot, "client_id": u.client_id, "num_examples": u.num_examples, "loss": u.loss,
                  "is_adversary": u.is_adversary, "stats": u.stats} for u in local]
         all_meta = gather_json(fabric, meta)  # one list per rank; returns once every rank has written its rows
-        rows, records = [], []
-        for rank, rank_meta in enumerate(all_meta):
-            for row, record in enumerate(rank_meta):
-                rows.append(rank * rows_per_rank + row)
-                records.append(record)
-        order = sorted(range(len(records)), key=lambda i: records[i]["slot"])
-        if [records[i]["slot"] for i in order] != list(range(num_slots)):
-            raise RuntimeError(f"gathered slots {[records[i]['slot'] for i in order]} do not cover 0..{num_slots - 1}")
-        records = [records[i] for i in order]
-        index = [rows[i] for i in order]
-        # One process and no padding: already in order, no copy. The shared buffer is always copied
-        # out (even when its rows happen to be in slot order): the next round overwrites it.
-        if shared is not None or index != list(range(deltas.shape[0])):
-            deltas = deltas.index_select(0, torch.tensor(index, device=deltas.device))  # a private copy
-        if shared is not None:
-            fabric.barrier()  # every rank has its copy: the buffer is free for the next round
+        records = sorted((record for rank_meta in all_meta for record in rank_meta), key=lambda r: r["slot"])
+        if [r["slot"] for r in records] != list(range(num_slots)):
+            raise RuntimeError(f"gathered slots {[r['slot'] for r in records]} do not cover 0..{num_slots - 1}")
+        if self.in_slot_order:
+            deltas = buffer  # already in slot order, and every row written: no copy
+            if self.shared is not None:
+                self.pending_release = True
+                if self.private:
+                    deltas = buffer.clone()
+        else:
+            deltas = buffer
+            if fabric.world_size > 1:
+                deltas = fabric.all_gather(buffer).reshape(-1, num_params)  # [world * rows, n_params]
+            rows_per_rank = buffer.shape[0]
+            index = [rank * rows_per_rank + row for rank, rank_meta in enumerate(all_meta)
+                     for row in range(len(rank_meta))]
+            slots = [record["slot"] for rank_meta in all_meta for record in rank_meta]
+            order = sorted(range(len(slots)), key=slots.__getitem__)
+            deltas = deltas.index_select(0, torch.tensor([index[i] for i in order], device=deltas.device))
         return RoundUpdates(
             client_ids=torch.tensor([r["client_id"] for r in records], dtype=torch.int64),
             deltas=deltas,
@@ -84,6 +126,14 @@ class UpdateGatherer:
             is_adversary=torch.tensor([r["is_adversary"] for r in records], dtype=torch.bool),
             stats=[r["stats"] for r in records],
         )
+
+    def release(self) -> None:
+        """Ends the round's use of a shared buffer: a barrier, so that no rank's next-round writes
+        overtake a slower rank still reading this round's rows. Call it on every rank, after the
+        last read of `RoundUpdates.deltas` (a no-op where no rows are shared)."""
+        if self.pending_release:
+            self.pending_release = False
+            self.fabric.barrier()
 
     def shared_buffer(self, num_rows: int, num_params: int, dtype: torch.dtype) -> Tensor | None:
         """The shared `[num_rows, n_params]` buffer, made on first use; None where it cannot serve.
@@ -106,8 +156,7 @@ class UpdateGatherer:
             if free > 2 * nbytes:  # leave room: tmpfs counts against the machine's memory
                 path = os.path.join(self.shared_dir, f"fl_lightning-{os.getpid()}-{uuid.uuid4().hex}")
                 try:
-                    with open(path, "wb") as handle:
-                        handle.truncate(nbytes)
+                    create_private_file(path, nbytes)
                 except OSError:
                     path = None
         path = broadcast_json(fabric, path)
@@ -124,6 +173,22 @@ class UpdateGatherer:
             return None
         self.shared = shared
         return shared
+
+
+def create_private_file(path: str, nbytes: int) -> None:
+    """Creates `path` of `nbytes` (zeros, sparse), readable and writable by its owner only.
+
+    `O_EXCL` refuses a file (or a link planted by someone else) already at that path, and mode 0600
+    keeps other local users from opening it while it exists (it holds every client's update).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def _boot_id() -> str:

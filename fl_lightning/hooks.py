@@ -22,6 +22,12 @@ and N processes and after a resume.
 Per-client values a callback wants logged go into `update.stats` (on the training rank): they are
 gathered with the update, so rank 0 can log them whichever rank trained the client.
 
+`update.delta` is the client's row of the run's round buffer (`distributed.UpdateGatherer`):
+change it in place (`update.delta.mul_(scale)`); a new tensor assigned to it is copied into the
+row at the gather. The gathered `updates.deltas` is that buffer, reused next round and, on several
+CPU processes of one machine, shared by the ranks: keep no reference past the round, and change
+rows only in `on_before_aggregate` (a run with such a hook gets a private copy on every rank).
+
 With `--client.batching vmap` (`batched.py`) the rank's honest clients train together: all their
 `on_client_start` calls come first, then the batched steps, then their `on_client_end` calls (the
 model then holds that client's trained parameters). `on_after_optimizer_step` fires only for the

@@ -303,10 +303,11 @@ def run_rounds(run: Run, state: RunState) -> list[dict[str, float]]:
         sizes = [run.data.partition.size(client_id) for client_id in plan.client_ids]  # balances the ranks' work
         my_slots = slots_for_rank(len(plan.client_ids), fabric.global_rank, fabric.world_size, sizes)
         local = run.train_local(plan, my_slots, state.global_params)
-        # 3. Gather: every rank now holds the same updates, in slot order.
+        # 3. Gather: every rank now holds the same updates, in slot order (the clients wrote them
+        #    into the round buffer; on one machine the buffer is the result, with no copy).
         updates = run.gather(local, len(plan.client_ids), state.global_params.numel(), state.global_params.dtype)
         # 4. Aggregate: non-finite updates are rejected, never averaged in.
-        updates, rejected = reject_non_finite(updates)
+        updates, rejected, norms = reject_non_finite(updates)
         fabric.call("on_before_aggregate", updates=updates, round_idx=round_idx)
         aggregate = run.aggregate(updates, round_idx)
         fabric.call("on_after_aggregate", aggregate=aggregate, round_idx=round_idx)
@@ -315,7 +316,10 @@ def run_rounds(run: Run, state: RunState) -> list[dict[str, float]]:
         broadcast_tensor_(fabric, state.global_params)
         state.round_idx = round_idx
         # 6. Measure.
-        metrics = round_metrics(updates, aggregate, len(rejected)) | {"lr": client_lr(run.client, round_idx)}
+        # The norms measured before `on_before_aggregate`, unless a hook may have changed the rows.
+        metrics = (round_metrics(updates, aggregate, len(rejected), None if run.gather.private else norms)
+                   | {"lr": client_lr(run.client, round_idx)})
+        run.gather.release()  # the last read of the round's updates: their buffer is free for the next round
         if is_due(round_idx, fl.eval_every, fl.rounds):
             metrics |= run.evaluate(state.global_params)
         metrics["seconds"] = time.perf_counter() - started
@@ -348,7 +352,9 @@ class Run:
         self.step_hooks = any(type(c).on_after_optimizer_step is not FLCallback.on_after_optimizer_step
                               for c in callbacks)
         self.evaluate = Evaluator(fabric, task, data, fl.eval_batch_size)
-        self.gather = UpdateGatherer(fabric)
+        # `on_before_aggregate` may change rows in place: on every rank, so not in shared memory.
+        self.gather = UpdateGatherer(fabric, private=any(
+            type(c).on_before_aggregate is not FLCallback.on_before_aggregate for c in callbacks))
         # The batched trainer checks the built model (BatchNorm, vmap-able ops) before the first round.
         self.batched: BatchedTrainer | None = None
         if client.batching == "vmap":
@@ -357,13 +363,16 @@ class Run:
 
     def train_local(self, plan: RoundPlan, slots: list[int], global_params: Tensor) -> list[ClientUpdate]:
         """This rank's clients of the round, trained one after another or batched (`--client.batching vmap`)."""
-        contexts = [self.client_context(plan, slot, global_params) for slot in slots]
+        rows = self.gather.rows(slots, len(plan.client_ids), global_params.numel(), global_params.dtype)
+        contexts = [self.client_context(plan, slot, global_params, row) for slot, row in zip(slots, rows)]
         if self.batched is not None:
             return self.batched.train(contexts)
         return [train_client(self.fabric, self.task, ctx) for ctx in contexts]
 
-    def client_context(self, plan: RoundPlan, slot: int, global_params: Tensor) -> LocalTraining:
-        """The local-training context of one slot, with randomness from (seed, round, client, slot)."""
+    def client_context(self, plan: RoundPlan, slot: int, global_params: Tensor,
+                       delta_out: Tensor | None = None) -> LocalTraining:
+        """The local-training context of one slot, with randomness from (seed, round, client, slot);
+        its update is written into `delta_out` (its row of the round buffer) when given."""
         client_id, client = plan.client_ids[slot], self.client
         inputs, targets = self.data.client_data(client_id)
         seed = client_seed(self.seed, plan.round_idx, client_id, slot)
@@ -373,7 +382,7 @@ class Run:
             lr=client_lr(client, plan.round_idx), lr_scale=lr_scale(client, plan.round_idx),
             epochs=client.local_epochs, batch_size=client.batch_size,
             momentum=client.momentum, weight_decay=client.weight_decay, grad_clip_norm=client.grad_clip_norm,
-            seed=seed, generator=torch.Generator().manual_seed(seed), step_hooks=self.step_hooks)
+            seed=seed, generator=torch.Generator().manual_seed(seed), step_hooks=self.step_hooks, delta_out=delta_out)
 
     def aggregate(self, updates: RoundUpdates, round_idx: int) -> Aggregate:
         """The aggregator's result; a zero step when every update was rejected."""

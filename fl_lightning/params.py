@@ -6,9 +6,10 @@ import torch
 from torch import Tensor, nn
 
 
-def flat_params(module: nn.Module) -> Tensor:
-    """All trainable parameters as one flat vector `[n_params]` (a copy)."""
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters() if p.requires_grad])
+def flat_params(module: nn.Module, out: Tensor | None = None) -> Tensor:
+    """All trainable parameters as one flat vector `[n_params]` (a copy), written into `out` when given."""
+    params = [p.detach().reshape(-1) for p in module.parameters() if p.requires_grad]
+    return torch.cat(params) if out is None else torch.cat(params, out=out)
 
 
 @torch.no_grad()

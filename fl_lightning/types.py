@@ -59,6 +59,9 @@ class LocalTraining:
         step_hooks: Whether `on_after_optimizer_step` fires after each step: set when a callback
             overrides it (the call inspects signatures, so it is skipped when nobody listens); side
             training of an attack turns it off.
+        delta_out: The client's row of the round buffer, `[n_params]`: its update is written there
+            (local minus global, in place), so no per-client tensor is allocated; None (tests,
+            side training): a new tensor.
     """
 
     round_idx: int
@@ -81,6 +84,7 @@ class LocalTraining:
     optimizer: torch.optim.Optimizer | None = None
     num_examples: int | None = None
     step_hooks: bool = False
+    delta_out: Tensor | None = None
 
 
 @dataclass
@@ -90,7 +94,8 @@ class ClientUpdate:
     Attributes:
         slot: Position in the round's client list.
         client_id: The client.
-        delta: Local minus global parameters, `[n_params]`.
+        delta: Local minus global parameters, `[n_params]`: in a run, a view of the client's row of
+            the round buffer (`LocalTraining.delta_out`), so `on_client_end` changes it in place.
         num_examples: Example count (the FedAvg weight).
         loss: Mean training loss over the local steps.
         is_adversary: Ground truth for metrics only; aggregators never see it.
@@ -109,6 +114,11 @@ class ClientUpdate:
 @dataclass
 class RoundUpdates:
     """The round's updates stacked in slot order, identical on every rank after the gather.
+
+    `deltas` is normally the round buffer itself (`distributed.UpdateGatherer`), reused next round:
+    it is valid until the round ends, and on several CPU processes of one machine it is memory
+    shared by all ranks, so it is read-only for aggregators (which are pure) and callbacks alike,
+    except `on_before_aggregate`, which then gets a private copy.
 
     Attributes:
         client_ids: `[n]` int64.
