@@ -7,7 +7,13 @@ with clean data, and sends the result as its update. Modes:
 * `blackbox`: plain local training on the poisoned set (data poisoning only).
 * `pgd`: projected gradient descent: the attacker's model is projected onto the L2 ball of radius
   `eps` around the round's global model every `project_every` steps and after each epoch, with its
-  own learning rate `adv_lr`, so that norm-based defenses see an ordinary update.
+  own learning rate `adv_lr`, so that norm-based defenses see an ordinary update. The radius is
+  either fixed (`eps`) or, with `honest_norm_factor`, set every attacked round from what the
+  attacker knows: it trains one honest update itself on its clean rows (as an honest client would:
+  the honest lr and epochs, a generator of its own from the client's seed) and takes
+  eps = factor × that update's norm. A defense that keeps small updates (Krum keeps one of the
+  smallest honest ones) is then met with an update of the right size at every lr, which a fixed
+  eps cannot do; the paper's attacker knows the defense and tunes eps to it (§4).
 * `model_replacement=True` (with either mode): the update is scaled by Γ = (participants' examples)
   / (adversaries' examples) so FedAvg lands on the attacker's model (Bagdasaryan et al., "How To
   Backdoor Federated Learning", AISTATS 2020).
@@ -49,7 +55,7 @@ from fl_lightning.params import flat_params, load_flat_params_
 from fl_lightning.sampling import derive_seed
 from fl_lightning.types import ClientUpdate, LocalTraining, RoundPlan
 
-_SLOTS, _POOL = 0xA77AC4, 0x9001
+_SLOTS, _POOL, _EPS = 0xA77AC4, 0x9001, 0xE95
 
 
 class EdgeCaseAttack(FLCallback):
@@ -66,7 +72,9 @@ class EdgeCaseAttack(FLCallback):
         end_round: Fixed frequency: the last round that may be attacked (None: no end).
         num_adversaries: Fixed frequency: attackers per attacked round (each takes one slot).
         pool_size: Fixed pool: how many client ids are attackers.
-        eps: PGD: radius of the L2 ball around the global model.
+        eps: PGD: radius of the L2 ball around the global model (unless `honest_norm_factor` is set).
+        honest_norm_factor: PGD: set the radius each attacked round to this factor times the norm of an
+            honest update the attacker trains on its own clean rows (None: the fixed `eps`).
         project_every: PGD: project after every this many batches (and after each epoch's last).
         eps_decay: PGD: shrink eps with the round's lr decay (the reference does this under Krum).
         adv_lr: The attacker's learning rate at round 1, decayed like the honest one (None: the honest lr).
@@ -78,26 +86,32 @@ class EdgeCaseAttack(FLCallback):
                  prox: bool = False, prox_coefficient: float = 1.0,
                  schedule: Literal["fixed_frequency", "fixed_pool"] = "fixed_frequency", attack_every: int = 10,
                  start_round: int = 1, end_round: int | None = None, num_adversaries: int = 1, pool_size: int = 10,
-                 eps: float = 2.0, project_every: int = 10, eps_decay: bool = False, adv_lr: float | None = None,
-                 adv_epochs: int | None = None, measure_attacker: bool = True) -> None:
+                 eps: float = 2.0, honest_norm_factor: float | None = None, project_every: int = 10,
+                 eps_decay: bool = False, adv_lr: float | None = None, adv_epochs: int | None = None,
+                 measure_attacker: bool = True) -> None:
         self.mode, self.model_replacement, self.prox, self.prox_coefficient = mode, model_replacement, prox, \
             prox_coefficient
         self.schedule, self.attack_every, self.start_round, self.end_round = schedule, attack_every, start_round, \
             end_round
         self.num_adversaries, self.pool_size = num_adversaries, pool_size
-        self.eps, self.project_every, self.eps_decay = eps, project_every, eps_decay
+        self.eps, self.honest_norm_factor = eps, honest_norm_factor
+        self.project_every, self.eps_decay = project_every, eps_decay
         self.adv_lr, self.adv_epochs, self.measure_attacker = adv_lr, adv_epochs, measure_attacker
         for name in ("attack_every", "start_round", "num_adversaries", "pool_size", "project_every", "adv_epochs"):
             check_argument(self, name, check_int, getattr(self, name), minimum=1)
-        for name in ("eps", "adv_lr"):
+        for name in ("eps", "honest_norm_factor", "adv_lr"):
             check_argument(self, name, check_positive, getattr(self, name))
         check_argument(self, "prox_coefficient", check_non_negative, prox_coefficient)
         check_argument(self, "end_round", check_int, end_round, minimum=start_round, hint="not before start_round")
         self._prox_handles: list[Any] = []
+        self.radius = eps  # PGD's radius for the attacker now training
 
     # ----- setup and schedule -----
 
     def check_run(self, fl: FLArgs) -> None:
+        if self.honest_norm_factor is not None and (self.mode != "pgd" or self.eps_decay):
+            raise ConfigError(f"--callbacks.honest_norm_factor={self.honest_norm_factor} sets PGD's radius; allowed "
+                              "only with --callbacks.mode pgd and --callbacks.eps_decay false")
         if self.schedule == "fixed_frequency" and self.num_adversaries > fl.clients_per_round:
             raise ConfigError(f"--callbacks.num_adversaries={self.num_adversaries}: more attackers per round than "
                               f"--fl.clients_per_round={fl.clients_per_round}; allowed: 1..{fl.clients_per_round}")
@@ -150,6 +164,13 @@ class EdgeCaseAttack(FLCallback):
     def on_client_start(self, ctx: LocalTraining) -> None:
         if not ctx.is_adversary:
             return
+        if self.mode == "pgd":
+            self.radius = self.eps * (ctx.lr_scale if self.eps_decay else 1.0)
+            if self.honest_norm_factor is not None:
+                # Its own generator, so that the attack's batches are those of a fixed-eps attack.
+                generator = torch.Generator().manual_seed(derive_seed(_EPS, ctx.seed))
+                honest = self.honest_estimate(ctx, generator)  # [n_params]
+                self.radius = self.honest_norm_factor * float((honest - ctx.global_params).norm())
         ctx.inputs, ctx.targets = self.edge_inputs, self.edge_targets
         ctx.num_examples = int(self.edge_inputs.shape[0])
         ctx.epochs = self.adv_epochs or ctx.epochs
@@ -158,18 +179,30 @@ class EdgeCaseAttack(FLCallback):
         if self.prox:
             self.add_prox_penalty(ctx)
 
+    def honest_estimate(self, ctx: LocalTraining, generator: torch.Generator) -> torch.Tensor:
+        """The model an honest client would send, trained on the attacker's clean rows, flat `[n_params]`.
+
+        Trained with `ctx`'s lr and epochs (the honest ones for the PGD radius, the attack's for prox)
+        by a fresh SGD from the global model, which the task holds again afterwards.
+        """
+        inputs, targets = self.edge_inputs, self.edge_targets
+        clean = self.clean_rows if self.clean_rows is not None else torch.arange(inputs.shape[0])
+        honest = replace(ctx, inputs=inputs[clean], targets=targets[clean], optimizer=None, step_hooks=False,
+                         generator=generator, delta_out=None)
+        train_epochs(self.fabric, self.task, honest)
+        estimate = flat_params(self.task)
+        load_flat_params_(self.task, ctx.global_params)
+        return estimate
+
     def add_prox_penalty(self, ctx: LocalTraining) -> None:
         """Estimates the honest model on the attacker's clean rows, then penalises distance to it.
 
         The penalty's gradient is added by parameter hooks (removed in `on_client_end`), so the
         task's own `training_step` stays untouched.
         """
-        clean = self.clean_rows if self.clean_rows is not None else torch.arange(ctx.inputs.shape[0])
-        honest = replace(ctx, inputs=ctx.inputs[clean], targets=ctx.targets[clean], optimizer=None, step_hooks=False)
-        train_epochs(self.fabric, self.task, honest)  # a fresh SGD, the same generator: the reference's order
-        anchor = flat_params(self.task)  # [n_params], the estimate of the honest model
+        # The attack's lr and epochs, the same generator: the reference's order.
+        anchor = self.honest_estimate(ctx, ctx.generator)  # [n_params], the estimate of the honest model
         params = [p for p in self.task.parameters() if p.requires_grad]
-        load_flat_params_(self.task, ctx.global_params)
         for param, chunk in zip(params, torch.split(anchor, [p.numel() for p in params])):
             anchor_param = chunk.view_as(param)
             self._prox_handles.append(param.register_hook(
@@ -180,9 +213,8 @@ class EdgeCaseAttack(FLCallback):
             return
         if should_project(batch_idx, num_batches(ctx.inputs.shape[0], ctx.batch_size, self.task.drop_last),
                           self.project_every):
-            radius = self.eps * (ctx.lr_scale if self.eps_decay else 1.0)
             current = flat_params(self.task)
-            projected = project_l2_ball(current, ctx.global_params, radius)
+            projected = project_l2_ball(current, ctx.global_params, self.radius)
             if projected is not current:
                 load_flat_params_(self.task, projected)
 
@@ -193,6 +225,8 @@ class EdgeCaseAttack(FLCallback):
             handle.remove()
         self._prox_handles.clear()
         update.stats["adv_norm_before_scaling"] = float(update.delta.norm())
+        if self.mode == "pgd":
+            update.stats["adv_eps"] = self.radius
         if self.measure_attacker:  # the attacker's own model, before any scaling
             metrics = self.evaluate_attacker()
             for split in ("main", "backdoor"):

@@ -17,7 +17,8 @@ METRICS: dict[str, str] = {
     "round": "", "main_acc": "val", "backdoor_acc": "val", "main_loss": "val",
     "train_loss": "train", "train_loss_benign": "train", "train_loss_adv": "train",
     "update_norm_mean": "update", "update_norm_benign": "update", "update_norm_adv": "update",
-    "aggregate_norm": "agg", "adversary_weight": "agg", "num_adversaries": "agg", "rejected_updates": "agg",
+    "aggregate_norm": "agg", "adversary_weight": "agg", "adversary_norm_quantile": "agg", "num_adversaries": "agg",
+    "rejected_updates": "agg",
     "lr": "train", "train_examples": "train", "seconds": "time", "eval_seconds": "time",
 }
 """Metric name -> W&B group, in `metrics.csv` column order (`round` is the W&B step, not a metric)."""
@@ -78,9 +79,26 @@ def round_metrics(updates: RoundUpdates, aggregate: Aggregate, num_rejected: int
     _mean_into(metrics, "update_norm_adv", norms[adv])
     if aggregate.client_weights is not None:
         metrics["adversary_weight"] = float(aggregate.client_weights.cpu()[adv].sum())
+    if adv.any() and (~adv).any():
+        metrics["adversary_norm_quantile"] = norm_quantile(norms[adv], norms[~adv])
     for key in sorted({k for stats in updates.stats for k in stats}):
         _mean_into(metrics, key, torch.tensor([s[key] for s in updates.stats if key in s], dtype=torch.float64))
     return metrics
+
+
+def norm_quantile(adversary_norms: Tensor, benign_norms: Tensor) -> float:
+    """Where the adversaries' update norms fall among the honest ones: the share of honest norms below each (mean).
+
+    0 means smaller than every honest update, 1 larger than every one; ties count half. Beside
+    `adversary_weight` it says whether a norm-based defense could tell the attacker apart.
+
+    Args:
+        adversary_norms: `[n_adv]`.
+        benign_norms: `[n_benign]`, at least one.
+    """
+    below = (benign_norms[None, :] < adversary_norms[:, None]).double().mean(dim=1)  # [n_adv]
+    ties = (benign_norms[None, :] == adversary_norms[:, None]).double().mean(dim=1)
+    return float((below + 0.5 * ties).mean())
 
 
 def _mean_into(metrics: dict[str, float], key: str, values: Tensor) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from cli_helpers import read_metrics, run_cli
@@ -15,6 +17,7 @@ from fl_lightning.client import train_client
 from fl_lightning.config import ClientArgs, ConfigError, FLArgs, resolve_args
 from fl_lightning.orchestrator import Run
 from fl_lightning.params import flat_params
+from fl_lightning.sampling import derive_seed
 from fl_lightning.tasks import Toy
 from fl_lightning.types import RoundPlan
 
@@ -64,6 +67,47 @@ def test_pgd_update_stays_inside_the_ball(seed, eps):
     assert float(adversarial[0].delta.norm()) <= eps * (1 + 1e-5)
     assert adversarial[0].stats["adv_norm_before_scaling"] == pytest.approx(eps, rel=1e-4)  # it pressed the wall
     assert max(float(u.delta.norm()) for u in updates if not u.is_adversary) > eps  # honest ones are not clipped
+
+
+def honest_norm_on_clean_rows(run: Run, attack: EdgeCaseAttack, plan: RoundPlan, global_params: torch.Tensor) -> float:
+    """The norm of an honest update on the attacker's clean rows, trained here with the attacker's eps generator."""
+    slot = plan.is_adversary.index(True)
+    ctx = run.client_context(plan, slot, global_params)
+    is_edge = run.data.extras.get("edge_train_is_edge")  # the toy task marks none: all its rows count
+    clean = ~is_edge if is_edge is not None else slice(None)
+    honest = replace(ctx, is_adversary=False, inputs=run.data.edge_train_inputs[clean],
+                     targets=run.data.edge_train_targets[clean],
+                     generator=torch.Generator().manual_seed(derive_seed(0xE95, ctx.seed)))
+    return float(train_client(run.fabric, run.task, honest).delta.norm())
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("factor", [0.2, 1.0])
+def test_pgd_radius_from_the_honest_norm(seed, factor):
+    attack = EdgeCaseAttack(mode="pgd", honest_norm_factor=factor, project_every=1, attack_every=1, adv_lr=0.5,
+                            measure_attacker=False)
+    run = make_run(attack, seed=seed)
+    global_params = flat_params(run.task)
+    plan, updates = train_round(run, attack, round_idx=1 + seed, global_params=global_params)
+    adversarial = next(u for u in updates if u.is_adversary)
+    expected = factor * honest_norm_on_clean_rows(run, attack, plan, global_params)
+    assert adversarial.stats["adv_eps"] == pytest.approx(expected, rel=1e-6)
+    assert float(adversarial.delta.norm()) <= expected * (1 + 1e-5)
+    assert float(adversarial.delta.norm()) == pytest.approx(expected, rel=1e-4)  # a large adv_lr presses the wall
+    # Pure in (seed, round): the same round again gives the same radius, another round another one.
+    again = EdgeCaseAttack(mode="pgd", honest_norm_factor=factor, project_every=1, attack_every=1, adv_lr=0.5,
+                           measure_attacker=False)
+    rerun = make_run(again, seed=seed)
+    _, same = train_round(rerun, again, round_idx=1 + seed, global_params=global_params)
+    _, other = train_round(rerun, again, round_idx=5 + seed, global_params=global_params)
+    radius = [next(u for u in ups if u.is_adversary).stats["adv_eps"] for ups in (same, other)]
+    assert radius[0] == adversarial.stats["adv_eps"] and radius[1] != radius[0]
+
+
+def test_honest_norm_factor_needs_pgd():
+    attack = EdgeCaseAttack(mode="blackbox", honest_norm_factor=0.5)
+    with pytest.raises(ConfigError, match="--callbacks.honest_norm_factor.*mode pgd"):
+        attack.check_run(FLArgs(num_clients=20, clients_per_round=5))
 
 
 def test_model_replacement_with_zero_honest_updates_gives_the_attacker_model():

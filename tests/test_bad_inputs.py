@@ -120,6 +120,8 @@ FIT_CASES = [
     ([*ATTACK, "--callbacks.adv_epochs", "0"], "--callbacks.adv_epochs"),
     ([*ATTACK, "--callbacks.prox_coefficient", "-1"], "--callbacks.prox_coefficient"),
     ([*ATTACK, "--callbacks.mode", "whitebox"], "--callbacks.mode"),
+    ([*ATTACK, "--callbacks.honest_norm_factor", "0.5"], "--callbacks.honest_norm_factor"),
+    ([*ATTACK, "--callbacks.mode", "pgd", "--callbacks.honest_norm_factor", "0"], "--callbacks.honest_norm_factor"),
     ([*ATTACK, "--callbacks.schedule", "sometimes"], "--callbacks.schedule"),
     ([*ATTACK, "--callbacks.nope", "1"], "--callbacks.nope"),
     (["fit", "--task", "sentiment140", "--fl.num_clients", "500", "--log.logger", "none", "--callbacks+=EdgeCaseAttack",

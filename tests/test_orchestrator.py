@@ -56,6 +56,21 @@ def test_killed_mid_round_and_resumed_equals_uninterrupted(tmp_path):
     assert [int(r["round"]) for r in read_metrics(run_dir)] == list(range(7))
 
 
+def test_pgd_with_the_honest_norm_radius_survives_kill_and_resume(tmp_path):
+    attack = ("--callbacks+=EdgeCaseAttack", "--callbacks.mode=pgd", "--callbacks.honest_norm_factor=0.5",
+              "--callbacks.attack_every=1", "--callbacks.measure_attacker=false")
+    killer = ("--callbacks+=fl_test_callbacks.KillMidRound", "--callbacks.round_idx=3", "--callbacks.slot=2",
+              f"--callbacks.marker={tmp_path / 'killed'}")
+    common = [*TOY, "--fl.rounds", "4", "--fl.checkpoint_every", "1", *attack]
+    run_cli(*common, "--name", "straight", cwd=tmp_path)
+    assert run_cli(*common, *killer, "--name", "killed", cwd=tmp_path, check=False).returncode == -signal.SIGKILL
+    run_dir = tmp_path / "runs" / "killed"
+    run_cli("fit", "--resume", str(run_dir), cwd=tmp_path)
+    assert torch.equal(final_model(run_dir), final_model(tmp_path / "runs" / "straight"))
+    straight = [r["adv_eps"] for r in read_metrics(tmp_path / "runs" / "straight")]
+    assert [r["adv_eps"] for r in read_metrics(run_dir)] == straight and all(straight[1:])
+
+
 def test_non_finite_update_is_rejected_and_counted(tmp_path):
     run_cli(*TOY, "--fl.rounds", "2", "--name", "nan", "--callbacks+=fl_test_callbacks.PoisonWithNaN",
             "--callbacks.round_idx=2", "--callbacks.slot=1", cwd=tmp_path)
