@@ -56,6 +56,9 @@ class FLArgs:
     """Evaluate main-task and backdoor accuracy every this many rounds (0: only at the end)."""
     eval_batch_size: int = 64
     """Evaluation batch size (64 is faster than 1000 on CPUs; raise it on GPUs)."""
+    eval_subset: int = 0
+    """Measure main-task accuracy on this many test examples, one fixed draw for every seed and round (0: all of
+    them). The backdoor test set is always whole. A cheaper estimate for many short runs (the claims check)."""
     checkpoint_every: int = 10
     """Save a resumable checkpoint every this many rounds (0: only at the end)."""
 
@@ -225,7 +228,8 @@ def validate_args(fl: FLArgs, client: ClientArgs, task_name: str) -> None:
                 problems.append(f"--{group}.{f.name} has no value and task {task_name!r} has no preset for it")
     problems += [check_positive(f"--fl.{name}", getattr(fl, name))
                  for name in ("rounds", "num_clients", "clients_per_round", "server_lr", "eval_batch_size")]
-    problems += [check_non_negative(f"--fl.{name}", getattr(fl, name)) for name in ("eval_every", "checkpoint_every")]
+    problems += [check_non_negative(f"--fl.{name}", getattr(fl, name))
+                 for name in ("eval_every", "checkpoint_every", "eval_subset")]
     problems += [check_positive(f"--client.{name}", getattr(client, name))
                  for name in ("lr", "local_epochs", "batch_size")]
     problems += [check_non_negative(f"--client.{name}", getattr(client, name))

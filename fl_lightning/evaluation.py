@@ -16,6 +16,8 @@ from torch import Tensor
 from fl_lightning.distributed import all_reduce_sum
 from fl_lightning.params import load_flat_params_
 
+_SUBSET_SEED = 0x5E7  # one draw for every run: runs that differ only in their seed see the same examples
+
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
 
@@ -32,12 +34,20 @@ class Evaluator:
         batch_size: Evaluation batch size.
         sharded: Split the sets over ranks and sum the counts (every rank must call); False: this
             rank alone evaluates the whole sets (no collective).
+        main_subset: Measure the main task on this many test examples, a fixed draw independent of
+            the run's seed (0, or at least the test set's size: all of them).
     """
 
-    def __init__(self, fabric: Fabric, task: Task, data: FederatedData, batch_size: int, sharded: bool = True) -> None:
+    def __init__(self, fabric: Fabric, task: Task, data: FederatedData, batch_size: int, sharded: bool = True,
+                 main_subset: int = 0) -> None:
         self.fabric, self.task, self.batch_size, self.sharded = fabric, task, batch_size, sharded
         rank, world = (fabric.global_rank, fabric.world_size) if sharded else (0, 1)
-        self.sets = {"main": (data.test_inputs[rank::world].contiguous(), data.test_targets[rank::world].contiguous())}
+        test_inputs, test_targets = data.test_inputs, data.test_targets
+        if 0 < main_subset < test_inputs.shape[0]:
+            keep = torch.randperm(test_inputs.shape[0], generator=torch.Generator().manual_seed(_SUBSET_SEED))
+            keep = keep[:main_subset].sort().values.to(test_inputs.device)
+            test_inputs, test_targets = test_inputs[keep], test_targets[keep]
+        self.sets = {"main": (test_inputs[rank::world].contiguous(), test_targets[rank::world].contiguous())}
         if data.backdoor_inputs is not None:
             self.sets["backdoor"] = (data.backdoor_inputs[rank::world].contiguous(),
                                      data.backdoor_targets[rank::world].contiguous())

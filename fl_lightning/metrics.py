@@ -104,3 +104,29 @@ def norm_quantile(adversary_norms: Tensor, benign_norms: Tensor) -> float:
 def _mean_into(metrics: dict[str, float], key: str, values: Tensor) -> None:
     if values.numel():
         metrics[key] = float(values.double().mean())
+
+
+def summary_lines(history: list[dict[str, float]]) -> list[str]:
+    """A run's before/after in a few lines: the first evaluated round, the last one before the first attacked
+    round (when a callback marked rounds `attacked`), and the last evaluated round."""
+    evaluated = [row for row in history if row.get("main_acc") is not None]
+    if not evaluated:
+        return []
+    attacked = [int(row["round"]) for row in history if row.get("attacked")]
+
+    def line(row: dict[str, float], what: str) -> str:
+        backdoor = f", backdoor {100 * row['backdoor_acc']:.1f} %" if row.get("backdoor_acc") is not None else ""
+        return f"round {int(row['round'])} ({what}): main {100 * row['main_acc']:.1f} %{backdoor}"
+
+    lines = [line(evaluated[0], "first measured")]
+    if attacked:
+        before = [row for row in evaluated if row["round"] < attacked[0]]
+        if before and before[-1] is not evaluated[0]:
+            lines.append(line(before[-1], "before the first attack"))
+        elif before:
+            lines[0] = line(before[-1], "before the first attack")
+    last = evaluated[-1]
+    if last is not evaluated[0]:
+        after = sum(r <= last["round"] for r in attacked)
+        lines.append(line(last, f"after {after} attacked round{'s' * (after != 1)}" if attacked else "last"))
+    return lines

@@ -46,7 +46,7 @@ from fl_lightning.distributed import UpdateGatherer, broadcast_json, broadcast_t
 from fl_lightning.evaluation import Evaluator
 from fl_lightning.hooks import FLCallback
 from fl_lightning.loggers import RunLogger
-from fl_lightning.metrics import reject_non_finite, round_metrics
+from fl_lightning.metrics import reject_non_finite, round_metrics, summary_lines
 from fl_lightning.params import flat_params
 from fl_lightning.runtime import make_fabric, set_threads, teardown, tune_malloc
 from fl_lightning.sampling import client_seed, sample_clients, server_seed, slots_for_rank
@@ -133,6 +133,8 @@ def fit(
             history += run_rounds(run, state)
             fabric.call("on_fit_end")
             run.save(state, MODEL_NAME)
+            if fabric.global_rank == 0:
+                print("\n".join(summary_lines(history)), file=sys.stderr)
         finally:
             run.logger.close()
     finally:
@@ -351,7 +353,7 @@ class Run:
         # Per-step hooks cost a signature inspection per call: only call them if someone listens.
         self.step_hooks = any(type(c).on_after_optimizer_step is not FLCallback.on_after_optimizer_step
                               for c in callbacks)
-        self.evaluate = Evaluator(fabric, task, data, fl.eval_batch_size)
+        self.evaluate = Evaluator(fabric, task, data, fl.eval_batch_size, main_subset=fl.eval_subset)
         # `on_before_aggregate` may change rows in place: on every rank, so not in shared memory.
         self.gather = UpdateGatherer(fabric, private=any(
             type(c).on_before_aggregate is not FLCallback.on_before_aggregate for c in callbacks))

@@ -353,8 +353,8 @@ class Emnist(ImageTask):
         elif case == "almost_edge":  # as many honest sevens as the attacker's, one per holder: 50 %
             honest = sevens[self.edge_count:2 * self.edge_count]
             holders = honest.shape[0]
-        elif case == "normal":  # every remaining seven over K/20 holders: 66 of 660 = 10 % with the attacker
-            honest = sevens[self.edge_count:]
+        elif case == "normal":  # nine times the attacker's sevens over K/20 holders: it holds 10 %
+            honest = sevens[self.edge_count:10 * self.edge_count]  # the preset's 66: every other seven (594)
             holders = settings.num_clients // 20
         else:
             raise ValueError(f"unknown attack_case {case!r}; allowed: edge, almost_edge, normal")

@@ -67,3 +67,17 @@ def test_load_rejects_foreign_files(tmp_path):
     save_file({"weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an fl_lightning checkpoint"):
         load_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_run_summary_says_before_and_after_the_attacks():
+    from fl_lightning.metrics import summary_lines
+
+    history = [{"round": 0, "main_acc": 0.1, "backdoor_acc": 0.0, "seconds": 0.0}]
+    history += [{"round": r, "main_acc": 0.9 + r / 100, "backdoor_acc": r / 10, "attacked": float(r >= 3)}
+                for r in range(1, 6)]
+    assert summary_lines(history) == ["round 0 (first measured): main 10.0 %, backdoor 0.0 %",
+                                      "round 2 (before the first attack): main 92.0 %, backdoor 20.0 %",
+                                      "round 5 (after 3 attacked rounds): main 95.0 %, backdoor 50.0 %"]
+    clean = [{**row, "attacked": 0.0} for row in history]
+    assert summary_lines(clean)[-1] == "round 5 (last): main 95.0 %, backdoor 50.0 %"
+    assert summary_lines([{"round": 1, "main_acc": None}]) == []

@@ -12,7 +12,6 @@ import pytest
 import yaml
 from cli_helpers import run_main
 
-import fl_lightning.experiments.claims as claims_module
 import fl_lightning.experiments.report as report_module
 import fl_lightning.experiments.sweep as sweep_module
 from fl_lightning import orchestrator
@@ -235,14 +234,6 @@ def test_cli_forms_reach_the_commands(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(report_module, "write_report", lambda *args: reports.append(args) or ("", []))
     assert run_main(capsys, "report", "d1", "d2", "--out", "o", "--group_by", "a", "--group_by", "b")[0] == 0
     assert reports == [(["d1", "d2"], "o", ["a", "b"], None, 10)]
-    presets = []
-    monkeypatch.setattr(claims_module, "plan", lambda preset, root: presets.append(preset) or ([], []))
-    for name in ("run_phase", "write_reports"):
-        monkeypatch.setattr(claims_module, name, lambda *args: None)
-    monkeypatch.setattr(claims_module, "check", lambda *args: [])
-    for args in (["--quick", "--jobs", "1"], ["--quick", "false"]):
-        assert run_main(capsys, "claims", *args, "--out_dir", str(tmp_path))[0] == 0
-    assert presets == [claims_module.PRESETS["quick"], claims_module.PRESETS["full"]]
 
 
 def test_sweep_cli_dry_run(capsys, tmp_path):
@@ -300,20 +291,3 @@ def test_interrupted_sweep_skips_finished_runs(tmp_path, monkeypatch):
     sweep_file = load_sweep(REPO / "sweeps" / "toy_smoke.yaml", overrides)
     planned = plan_runs(sweep_file, expand(sweep_file, 2), sweep_dir)
     assert all(run.status() == "done" for run in planned)
-
-
-def test_claims_preset_runs_parse_against_fit(capsys, tmp_path):
-    """Every run of the full claims preset (sweep files + overrides) is a valid `fit` command."""
-    from fl_lightning.experiments.claims import PRESETS, plan
-
-    clean, invocations = plan(PRESETS["full"], tmp_path)
-    runs = [*clean, *(run for invocation in invocations for run in invocation.plan(tmp_path)[2])]
-    assert len(clean) == 4 + 2 and len(runs) == 6 + 3 + 12 + 4 + 4 + 2 + 3
-    for run in runs:
-        cli_args = run.argv[run.argv.index("fl_lightning") + 1:]
-        code, out, err = run_main(capsys, *cli_args, "--print_config")
-        assert code == 0, f"{' '.join(cli_args)}\n{err}"
-        config = yaml.safe_load(out)
-        assert config["task"] in ("emnist", "sentiment140") and config["log"]["logger"] == "csv"
-        if config["task"] == "emnist":
-            assert config["data"]["source"] == "mnist"

@@ -126,6 +126,11 @@ def test_emnist_attacker_set_size_comes_from_data_edge_count_and_clean_count(sha
     task = make_task("emnist", shared_data, source="mnist", edge_count=30, clean_count=10)
     data = task.build_data()
     assert data.edge_train_inputs.shape[0] == 40 and int(data.extras["edge_train_is_edge"].sum()) == 30
+    # The stated shares hold for any attacker set: 30 honest sevens (50 %), 270 (10 %).
+    for case, honest in (("almost_edge", 30), ("normal", 270)):
+        data = make_task("emnist", shared_data, source="mnist", edge_count=30, clean_count=10,
+                         attack_case=case).build_data()
+        assert data.train_targets.shape[0] - 60_000 == honest
     with pytest.raises(ConfigError, match=r"--data.edge_count must be in 1..660"):
         make_task("emnist", shared_data, source="mnist", edge_count=661)
     with pytest.raises(ConfigError, match=r"--data.clean_count=5: task 'sentiment140' does not take it"):

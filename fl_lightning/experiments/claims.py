@@ -1,330 +1,508 @@
-"""The claims check: `python -m fl_lightning claims [--out_dir DIR] [--quick]`.
+"""The claims check: `python -m fl_lightning claims [--preset small|quick|paper] [--out_dir DIR] [--jobs N]`.
 
-Runs a preset small enough for a 2-core machine and checks the four claims of Wang et al.,
-"Attack of the Tails: Yes, You Really Can Backdoor Federated Learning", NeurIPS 2020
-(arXiv:2007.05084), printing each with the measured numbers and PASS or FAIL:
+Runs a preset and checks the four claims of Wang et al., "Attack of the Tails: Yes, You Really Can
+Backdoor Federated Learning", NeurIPS 2020 (arXiv:2007.05084), printing each with its numbers and
+PASS or FAIL:
 
-1. pure edge-case attacks are stronger than not-so-edge ones (attacker's share 100 % > 50 % > 10 %);
-2. PGD attacks get through all the defenses, while black-box data poisoning is weak against Krum
-   and Multi-Krum;
-3. lower attack frequency injects the backdoor more slowly;
+1. pure edge-case attacks are stronger than not-so-edge ones (the attacker holds 100 % > 50 % > 10 %
+   of the edge examples; honest clients hold the rest with their true label);
+2. PGD attacks get through all the defenses (no defense, norm clipping, weak DP, Krum, Multi-Krum,
+   RFA), while black-box data poisoning is weak against Krum and Multi-Krum;
+3. a lower attack frequency injects the backdoor more slowly;
 4. lower-capacity models resist the backdoor better but lose main-task accuracy.
 
-The preset is the sweep files of `sweeps/` with `--set` overrides (nothing here re-implements an
-experiment): the `emnist` task on its `mnist` source with the paper's EMNIST hyper-parameters
-(K = 3383, m = 30, 5 local epochs, batch 512, lr 0.1), and `sentiment140` on its offline 100k-tweet
-sample over K = 500 clients (about 200 tweets each, the density of the paper's 25 % subsample over
-1948 clients). As in the paper, attacks start from a model trained without attack (`init_from`); for
-these short runs one attacker takes part every 5th round from round 1 (the paper: every 10th over
-hundreds of rounds), so that, as in the paper's curves, the backdoor can fade between attacks.
-Every model of the capacity runs starts from its own clean model (their parameter counts differ).
+Protocol of the default `small` preset (sized for a 2-core machine; `PRESETS` holds every number):
 
-The criteria are fixed here, before any run: "backdoor" is the target-task accuracy averaged over
-all rounds after the start (the area under the paper's curve: it counts how high the backdoor gets,
-how fast and how long it stays); "main" is the main-task accuracy at the end, smoothed by the paper's
-10-round rolling mean. PGD "gets through" a defense when it keeps at least half of its undefended
-backdoor accuracy; black-box is "weak" against a defense when it keeps at most half of its own.
-Results go to `<out_dir>/claims.md`, with a report per claim and task in `<out_dir>/reports/`; a second
-start reuses every finished run.
+* **Clean start.** As in the paper, every attack starts from a model trained without attack, one per
+  (task, model, attack case): one epoch over the whole training set held by one client (emnist:
+  MNIST, lr 0.05, batch 32; sentiment140: its 100k-tweet sample, the paper's lr and batch). In the
+  almost-edge and normal cases the honest clients' true-labelled edge examples are part of that
+  training set: that is what makes those cases "not so edge". A start below its main-accuracy
+  threshold (emnist 97 %, sentiment140 68 %) stops the check with an error before any attack runs.
+* **Attack phase**, R = 4 rounds from the start, one attacker in rounds 1 and 3.
+  emnist: MNIST tiled 4 times over K = 3383 clients (about 71 images each: the paper's EMNIST density),
+  m = 10 clients a round, the paper's local training (E = 5, B = 512, lr 0.1); the attacker holds the
+  paper's set scaled by m / 30 (20 ARDIS sevens labelled "1" and 30 clean images instead of 66 and 100),
+  so that its share of a FedAvg round stays the paper's (50 / 689 = 7.3 %; paper 166 / 2225 = 7.5 %).
+  Main accuracy is measured on a fixed draw of 2,000 of the 10,000 test images (`--fl.eval_subset`).
+  sentiment140: its 100k sample over K = 500 clients (about 200 tweets each, the density of the
+  paper's 25 % subsample over 1948 clients), m = 10, the paper's hyper-parameters and attacker set.
+* **Attacks.** Black-box (data poisoning) and PGD without model replacement. PGD's radius is what
+  the attacker can know: each attacked round it trains one honest update itself on its clean
+  examples and projects onto factor × that norm (`honest_norm_factor`): 1.0 (an update the size of
+  an honest one) against FedAvg, norm clipping, weak DP and RFA, and 0.2 against Krum and Multi-Krum,
+  which keep the updates closest to the others, and so the small ones.
+* **Control.** Every attack run is paired with a control: the same run (seed, start, aggregator,
+  data, attack case) without the attacker. Raw backdoor accuracy drifts on its own; only the lift
+  over the control is the attack's effect.
+* **Seeds** 1 and 2 for the attack phase (the starts use seed 0).
+
+Pre-registered criteria, fixed in this docstring and the README before any run of the preset and
+never tuned to pass (a claim that fails under them is reported as FAIL with its numbers):
+
+* The **lift** of an attack run is the mean over rounds 1..R of its backdoor accuracy minus its
+  control's, in points. Every figure is the mean over seeds, printed with its range over seeds.
+* Claim 1, per task: lift(edge) > lift(almost_edge) > lift(normal).
+* Claim 2, per task: (a) PGD gets through every defense: its lift is at least 10 points under each of
+  the six aggregators; (b) black-box is weak against Krum and Multi-Krum: its lift under each is at
+  most half its lift under FedAvg, which must itself be at least 10 points.
+* Claim 3 (emnist): the lift falls strictly as attacks get rarer (every 1, 2, 4 rounds).
+* Claim 4, per task: the smallest model's lift is below the largest's, and so is its main-task
+  accuracy (the control's at round R).
+
+A claim passes when its test passes on every task it is checked on. Results go to `<out_dir>/claims.md`
+with one figure per claim and task (backdoor and main accuracy against rounds, one colour per
+setting, its control dashed) in `<out_dir>/figures/`; a second start reuses every finished run.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import pandas as pd
 
 from fl_lightning.config import check_int, raise_problems
-from fl_lightning.experiments.report import RunResult, find_runs, summarize, write_report
-from fl_lightning.experiments.sweep import (
-    PlannedRun,
-    check_runs,
-    execute_all,
-    expand,
-    format_args,
-    load_sweep,
-    parse_overrides,
-    plan_runs,
-    write_index,
-)
+from fl_lightning.experiments.report import Line, plot_curves, read_metrics
+from fl_lightning.experiments.sweep import PlannedRun, check_runs, execute_all, format_args, parse_overrides
 
-# The checkout's sweep files (an editable install); a plain install has none, so `./sweeps` is the fallback.
-SWEEPS = next((p for p in (Path(__file__).resolve().parents[2] / "sweeps", Path("sweeps")) if p.is_dir()),
-              Path("sweeps"))
-FRACTION = 0.5  # "gets through": keeps at least half; "weak": keeps at most half
-EMNIST = ["task=emnist", "data.source=mnist", "log.logger=csv", "log.progress_bar=false", "fl.eval_every=2",
-          "fl.checkpoint_every=10"]
-SENTIMENT = ["task=sentiment140", "fl.num_clients=500", "log.logger=csv", "log.progress_bar=false",
-             "fl.eval_every=1", "fl.checkpoint_every=10"]
-# Every attack run: one attacker every 5th round; not measuring the attacker's own accuracy saves a
-# second 10,000-image evaluation per attacked round.
-ATTACK = ["callbacks.measure_attacker=false", "callbacks.attack_every=5"]
 CASES = {"edge": "100 %", "almost_edge": "50 %", "normal": "10 %"}
-DEFENSES = ("FedAvg", "NormClipping", "WeakDP", "Krum", "MultiKrum", "GeometricMedian")
+DEFENSES: dict[str, list[str]] = {
+    "FedAvg": ["aggregator=FedAvg"],
+    "NormClipping": ["aggregator={class_path: NormClipping, init_args: {norm_bound: 1.5}}"],
+    "WeakDP": ["aggregator={class_path: WeakDP, init_args: {norm_bound: 1.5, stddev: 0.025}}"],
+    "Krum": ["aggregator=Krum"],
+    "MultiKrum": ["aggregator=MultiKrum"],
+    "GeometricMedian": ["aggregator=GeometricMedian"],
+}
+# PGD's radius as a multiple of the honest update's norm the attacker computes: small against the rules
+# that keep the updates nearest the others (Krum's pick is one of the smallest honest updates).
+PGD_FACTOR = {"Krum": 0.2, "MultiKrum": 0.2}
+PGD_FACTOR_DEFAULT = 1.0
+MIN_LIFT = 10.0     # points: a lift below this is no backdoor getting through
+WEAK_FRACTION = 0.5  # black-box is "weak" under a defense that leaves it at most half its undefended lift
+COMMON = ["log.logger=csv", "log.progress_bar=false", "fl.checkpoint_every=0"]
+
+
+@dataclass(frozen=True)
+class TaskSetting:
+    """One task's part of a preset.
+
+    Attributes:
+        task: The task name.
+        start: `fit` overrides of the clean starts (the model and attack case are added).
+        start_threshold: Main-task accuracy every clean start must reach.
+        phase: `fit` overrides of every attack and control run.
+        models: Claim 4's models, smallest first; the last is the model of every other claim.
+        pgd: Extra PGD overrides of this task.
+        claims: The claims checked on this task.
+    """
+
+    task: str
+    start: tuple[str, ...]
+    start_threshold: float
+    phase: tuple[str, ...]
+    models: tuple[str, ...]
+    pgd: tuple[str, ...] = ()
+    claims: frozenset[int] = frozenset({1, 2, 4})
+
+    @property
+    def model(self) -> str:
+        return self.models[-1]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Round counts and model variants of one preset."""
+    """Rounds, schedule, seeds and task settings of one claims preset."""
 
-    rounds: int                  # attack runs, each from a clean model
-    pretrain_rounds: int         # the clean emnist models
-    widths: tuple[str, ...]      # emnist models of claim 4, smallest first
-    sentiment: bool              # also run sentiment140 (claims 1 and 4)
-    s140_pretrain_rounds: int = 30
-    s140_rounds: int = 20
-    s140_models: tuple[str, ...] = ("lstm_h50", "lstm_h200")
+    description: str
+    rounds: int
+    attack_every: int
+    frequencies: tuple[int, ...]  # claim 3, most frequent first
+    seeds: tuple[int, ...]
+    tasks: tuple[TaskSetting, ...]
 
 
-PRESETS = {
-    "full": Preset(rounds=20, pretrain_rounds=20, widths=("lenet_w0.125", "lenet_w0.25", "lenet_w0.5", "lenet"),
-                   sentiment=True),
-    "quick": Preset(rounds=10, pretrain_rounds=10, widths=("lenet_w0.25", "lenet"), sentiment=False),
+EMNIST_START = ("task=emnist", "data.source=mnist", "data.partition=iid", "data.edge_count=20", "data.clean_count=30",
+                "fl.num_clients=1", "fl.clients_per_round=1", "fl.rounds=1", "fl.eval_every=0", "client.lr=0.05",
+                "client.local_epochs=1", "client.batch_size=32", "seed=0")
+EMNIST_PHASE = ("task=emnist", "data.source=mnist", "data.tile=4", "data.edge_count=20", "data.clean_count=30",
+                "fl.num_clients=3383", "fl.clients_per_round=10", "fl.eval_every=1", "fl.eval_subset=2000")
+S140_START = ("task=sentiment140", "fl.num_clients=1", "fl.clients_per_round=1", "fl.rounds=1", "fl.eval_every=0",
+              "client.local_epochs=1", "seed=0")
+S140_PHASE = ("task=sentiment140", "fl.num_clients=500", "fl.clients_per_round=10", "fl.eval_every=1")
+
+PRESETS: dict[str, Preset] = {
+    "small": Preset(
+        "emnist on MNIST at the paper's density with m = 10 and the attacker's set scaled to keep its round share; "
+        "sentiment140 on its 100k sample; 4-round attacks (rounds 1 and 3) from clean starts; seeds 1 and 2",
+        rounds=4, attack_every=2, frequencies=(1, 2, 4), seeds=(1, 2),
+        tasks=(TaskSetting("emnist", EMNIST_START, 0.97, EMNIST_PHASE, ("lenet_w0.25", "lenet"),
+                           claims=frozenset({1, 2, 3, 4})),
+               TaskSetting("sentiment140", S140_START, 0.68, S140_PHASE, ("lstm_h50", "lstm_h200"),
+                           pgd=("callbacks.project_every=1",)))),
+    "quick": Preset(
+        "emnist only (the small preset's setting), 2-round attacks (round 1), one seed: a smoke test, not evidence",
+        rounds=2, attack_every=2, frequencies=(1, 2), seeds=(1,),
+        tasks=(TaskSetting("emnist", EMNIST_START, 0.97, EMNIST_PHASE, ("lenet_w0.25", "lenet"),
+                           claims=frozenset({1, 2, 3, 4})),)),
+    # The paper's own protocol, for GPUs: EMNIST (not MNIST) over K = 3383 with m = 30 and the paper's
+    # attacker set (66 ARDIS sevens + 100 clean images); the full Sentiment140 over K = 1948; 500 rounds with
+    # an attacker every 10th round (claim 3: every 1, 10, 50 rounds); three seeds.
+    "paper": Preset(
+        "the paper's protocol: EMNIST over K = 3383 (m = 30), Sentiment140 over K = 1948 (m = 10), 500 rounds, "
+        "an attacker every 10th round; seeds 1, 2 and 3 (hours on a GPU)",
+        rounds=500, attack_every=10, frequencies=(1, 10, 50), seeds=(1, 2, 3),
+        tasks=(TaskSetting("emnist", ("task=emnist", "data.source=emnist", "data.partition=iid", "fl.num_clients=1",
+                                      "fl.clients_per_round=1", "fl.rounds=1", "fl.eval_every=0", "client.lr=0.05",
+                                      "client.local_epochs=1", "client.batch_size=32", "seed=0"),
+                           0.97, ("task=emnist", "data.source=emnist", "fl.eval_every=1"),
+                           ("lenet_w0.25", "lenet"), claims=frozenset({1, 2, 3, 4})),
+               TaskSetting("sentiment140", ("task=sentiment140", "data.source=auto", "fl.num_clients=1",
+                                            "fl.clients_per_round=1", "fl.rounds=1", "fl.eval_every=0",
+                                            "client.local_epochs=1", "seed=0"),
+                           0.68, ("task=sentiment140", "data.source=auto", "fl.eval_every=1"),
+                           ("lstm_h50", "lstm_h200"), pgd=("callbacks.project_every=1",)))),
 }
 
 
+@dataclass(frozen=True, order=True)
+class Condition:
+    """One attack or control run of the check, before seeds are told apart by `seed`."""
+
+    task: str
+    model: str
+    case: str = "edge"
+    defense: str = "FedAvg"
+    attack: Literal["none", "blackbox", "pgd"] = "none"
+    every: int = 0  # attack every this many rounds (0 for a control)
+    seed: int = 0
+
+    @property
+    def control(self) -> Condition:
+        """The same run without the attacker."""
+        return replace(self, attack="none", every=0)
+
+    @property
+    def name(self) -> str:
+        attack = "control" if self.attack == "none" else f"{self.attack}_every{self.every}"
+        return f"{self.model}_{self.case}_{self.defense}_{attack}_s{self.seed}".lower()
+
+
+# ----- the plan -----
+
+def attack_conditions(preset: Preset) -> dict[int, list[Condition]]:
+    """The attack runs each claim compares (all seeds); their controls follow from `Condition.control`."""
+    by_claim: dict[int, list[Condition]] = {1: [], 2: [], 3: [], 4: []}
+    every = preset.attack_every
+    for setting in preset.tasks:
+        for seed in preset.seeds:
+            base = Condition(setting.task, setting.model, attack="blackbox", every=every, seed=seed)
+            if 1 in setting.claims:
+                by_claim[1] += [replace(base, case=case) for case in CASES]
+            if 2 in setting.claims:
+                by_claim[2] += [replace(base, defense=d, attack=a) for d in DEFENSES for a in ("blackbox", "pgd")]
+            if 3 in setting.claims:
+                by_claim[3] += [replace(base, every=k) for k in preset.frequencies]
+            if 4 in setting.claims:
+                by_claim[4] += [replace(base, model=model) for model in setting.models]
+    return by_claim
+
+
+def all_runs(preset: Preset) -> list[Condition]:
+    """Every attack run and control, each once, in a stable order."""
+    attacks = [c for conditions in attack_conditions(preset).values() for c in conditions]
+    return sorted(set(attacks) | {c.control for c in attacks})
+
+
 @dataclass
-class Invocation:
-    """One sweep file run with overrides into its own directory (a sweep directory is one invocation)."""
+class Plan:
+    """Where every clean start and run of a preset goes, and its `fit` command."""
 
-    claim: int
-    file: str
-    overrides: list[str]
-    subdir: str
-    max_runs: int | None = None
+    preset: Preset
+    root: Path
+    settings: dict[str, TaskSetting] = field(init=False)
 
-    def plan(self, out_dir: Path) -> tuple[Any, Path, list[PlannedRun]]:
-        sweep_file = load_sweep(SWEEPS / self.file, self.overrides)
-        sweep_dir = out_dir / self.subdir / sweep_file.name
-        return sweep_file, sweep_dir, plan_runs(sweep_file, expand(sweep_file, self.max_runs), sweep_dir)
+    def __post_init__(self) -> None:
+        self.settings = {s.task: s for s in self.preset.tasks}
+
+    def start_dir(self, task: str, model: str, case: str) -> Path:
+        return self.root / "starts" / f"{task}_{model}_{case}".lower()
+
+    def starts(self) -> list[PlannedRun]:
+        """The clean start of every (task, model, case) that an attack or control starts from."""
+        keys = dict.fromkeys((c.task, c.model, c.case) for c in all_runs(self.preset))
+        return [planned(self.start_dir(*key), [*COMMON, *self.settings[key[0]].start, f"model={key[1]}",
+                                               f"data.attack_case={key[2]}"]) for key in keys]
+
+    def run_dir(self, condition: Condition) -> Path:
+        return self.root / "runs" / condition.task / condition.name
+
+    def run(self, condition: Condition) -> PlannedRun:
+        setting = self.settings[condition.task]
+        overrides = [*COMMON, *setting.phase, f"model={condition.model}", f"data.attack_case={condition.case}",
+                     f"seed={condition.seed}", f"fl.rounds={self.preset.rounds}",
+                     f"init_from={self.start_dir(condition.task, condition.model, condition.case)}",
+                     *DEFENSES[condition.defense]]
+        if condition.attack != "none":
+            overrides += ["callbacks+=EdgeCaseAttack", f"callbacks.mode={condition.attack}",
+                          f"callbacks.attack_every={condition.every}", "callbacks.measure_attacker=false"]
+            if condition.attack == "pgd":
+                factor = PGD_FACTOR.get(condition.defense, PGD_FACTOR_DEFAULT)
+                overrides += [f"callbacks.honest_norm_factor={factor}", *setting.pgd]
+        return planned(self.run_dir(condition), overrides)
+
+    def runs(self) -> list[PlannedRun]:
+        return [self.run(condition) for condition in all_runs(self.preset)]
 
 
-def clean_run(out_dir: Path, name: str, overrides: list[str]) -> PlannedRun:
-    """A model trained without attack, the start of the attack runs (the paper's protocol)."""
+def planned(run_dir: Path, overrides: list[str]) -> PlannedRun:
+    """A `fit` run of these overrides writing into `run_dir`."""
     params = parse_overrides(overrides)
-    argv = [sys.executable, "-m", "fl_lightning", "fit", *format_args(params), f"--out_dir={out_dir / 'clean'}",
-            f"--name={name}"]
-    return PlannedRun(name=name, params=params, argv=argv, run_dir=out_dir / "clean" / name)
+    argv = [sys.executable, "-m", "fl_lightning", "fit", *format_args(params), f"--out_dir={run_dir.parent}",
+            f"--name={run_dir.name}"]
+    return PlannedRun(name=run_dir.name, params=params, argv=argv, run_dir=run_dir)
 
 
-def plan(preset: Preset, out_dir: Path) -> tuple[list[PlannedRun], list[Invocation]]:
-    """The clean models (phase 1) and the sweeps that attack them (phase 2).
+def execute(runs: list[PlannedRun], jobs: int, index: Path) -> None:
+    """Runs what is unfinished, `jobs` at a time, keeping `index` (one JSON line per run) up to date."""
+    rows: list[dict[str, Any]] = [{"name": r.name, "status": "planned", "params": r.params, "run_dir": str(r.run_dir)}
+                                  for r in runs]
 
-    Every model variant starts from its own clean model and gets its own invocation (and directory),
-    since `--set` fixes one value.
-    """
-    def pretrain(task: str, base: list[str], model: str, rounds: int) -> PlannedRun:
-        return clean_run(out_dir, f"{task}_clean_{model}", [*base, f"model={model}", f"fl.rounds={rounds}",
-                                                            "fl.eval_every=0"])
+    def write_index() -> None:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        index.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
 
-    emnist_clean = {model: pretrain("emnist", EMNIST, model, preset.pretrain_rounds)
-                    for model in dict.fromkeys(("lenet", *preset.widths))}
-    emnist = [*EMNIST, *ATTACK, f"fl.rounds={preset.rounds}"]
-    attack = [*emnist, "model=lenet", f"init_from={emnist_clean['lenet'].run_dir}"]
-    invocations = [
-        Invocation(1, "emnist_edge_case.yaml", attack, "emnist"),
-        # The grid's first 12 runs: black-box and PGD against the six defenses (no model replacement).
-        Invocation(2, "emnist_defenses.yaml", attack, "emnist", max_runs=12),
-        # The file sweeps callbacks.attack_every, so it keeps its values.
-        Invocation(3, "emnist_attack_frequency.yaml", [a for a in attack if "attack_every" not in a], "emnist"),
-        *(Invocation(4, "emnist_capacity.yaml", [*emnist, f"model={model}", f"init_from={emnist_clean[model].run_dir}"],
-                     f"emnist_{model}") for model in preset.widths),
-    ]
-    clean = list(emnist_clean.values())
-    if preset.sentiment:
-        s140 = [*SENTIMENT, *ATTACK, f"fl.rounds={preset.s140_rounds}"]
-        for model in preset.s140_models:
-            run = pretrain("sentiment140", SENTIMENT, model, preset.s140_pretrain_rounds)
-            clean.append(run)
-            invocations.append(Invocation(4, "sentiment140_capacity.yaml",
-                                          [*s140, f"model={model}", f"init_from={run.run_dir}"],
-                                          f"sentiment140_{model}"))
-            if model == preset.s140_models[-1]:  # the paper's LSTM (hidden 200) also answers claim 1
-                invocations.append(Invocation(1, "sentiment140_edge_case.yaml",
-                                              [*s140, f"model={model}", f"init_from={run.run_dir}"], "sentiment140"))
-    return clean, invocations
-
-
-def run_phase(out_dir: Path, clean: list[PlannedRun], invocations: list[Invocation], jobs: int) -> None:
-    """Runs the clean models and the planned sweeps of one phase together, `jobs` at a time.
-
-    Every run's `fit` arguments are checked before the phase writes or starts anything.
-    """
-    planned = [invocation.plan(out_dir) for invocation in invocations]
-    runs: list[PlannedRun] = [*clean, *(run for _, _, sweep_runs in planned for run in sweep_runs)]
-    check_runs(runs)
-    rows: list[dict[str, Any]] = [{"name": r.name, "params": r.params, "run_dir": str(r.run_dir)} for r in clean]
-    indexes = []
-    for sweep_file, sweep_dir, sweep_runs in planned:
-        sweep_rows = [{"name": r.name, "status": "planned", "params": r.params, "argv": r.argv,
-                       "run_dir": str(r.run_dir)} for r in sweep_runs]
-        write_index(sweep_dir, sweep_file, sweep_rows)
-        indexes.append((sweep_dir, sweep_file, sweep_rows))
-        rows += sweep_rows
-
-    def write_indexes() -> None:
-        for sweep_dir, sweep_file, sweep_rows in indexes:
-            write_index(sweep_dir, sweep_file, sweep_rows)
-
-    execute_all(runs, rows, jobs, write_indexes, lambda text: print(text, file=sys.stderr, flush=True))
+    write_index()
+    execute_all(runs, rows, jobs, write_index, lambda text: print(text, file=sys.stderr, flush=True))
     failed = [row["name"] for row in rows if row.get("status") == "failed"]
     if failed:
         raise SystemExit(f"error: {len(failed)} run(s) failed ({', '.join(failed)}); see their run.log")
 
 
+def check_starts(plan: Plan, starts: list[PlannedRun]) -> None:
+    """Stops the check when a clean start missed its main-accuracy threshold."""
+    for run in starts:
+        setting = plan.settings[run.params["task"]]
+        reached = float(read_metrics(run.run_dir)["main_acc"].iloc[-1])
+        if reached < setting.start_threshold:
+            raise SystemExit(f"error: the clean start {run.run_dir} reached main accuracy {reached:.4f}, below the "
+                             f"preset's threshold {setting.start_threshold}; no attack ran on it")
+
+
 # ----- the checks -----
 
-def results(out_dir: Path, invocation: Invocation) -> list[tuple[RunResult, dict[str, Any]]]:
-    """The runs of one invocation with their summary numbers."""
-    _, sweep_dir, _ = invocation.plan(out_dir)
-    return [(run, summarize(run.metrics)) for run in find_runs(sweep_dir)]
+@dataclass(frozen=True)
+class Estimate:
+    """A number measured once per seed: the verdicts use the mean, the printout shows the range too."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+    def __str__(self) -> str:
+        if len(self.values) < 2:
+            return f"{self.mean:5.1f}"
+        return f"{self.mean:5.1f} ({min(self.values):.1f}..{max(self.values):.1f})"
 
 
-def pct(value: float) -> str:
-    return f"{100 * value:5.1f}"
+class Results:
+    """The per-round metrics of every run of a plan, and the numbers the claims compare.
+
+    Args:
+        curves: Each run's metrics (`round`, `main_acc`, `backdoor_acc`), by condition.
+        seeds: The seeds to average over.
+    """
+
+    def __init__(self, curves: dict[Condition, pd.DataFrame], seeds: tuple[int, ...]) -> None:
+        self.curves, self.seeds = curves, seeds
+
+    def lift(self, condition: Condition) -> Estimate:
+        """Backdoor accuracy over the control, mean over rounds 1..R, in points, per seed."""
+        values = []
+        for seed in self.seeds:
+            attack, control = self.curves[replace(condition, seed=seed)], self.curves[replace(condition.control,
+                                                                                             seed=seed)]
+            both = attack.merge(control, on="round", suffixes=("", "_control"))
+            after = both[both["round"] > 0]
+            values.append(100 * float((after["backdoor_acc"] - after["backdoor_acc_control"]).mean()))
+        return Estimate(tuple(values))
+
+    def main(self, condition: Condition) -> Estimate:
+        """Main-task accuracy at the last round, in %, per seed."""
+        return Estimate(tuple(100 * float(self.curves[replace(condition, seed=s)]["main_acc"].iloc[-1])
+                              for s in self.seeds))
 
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def check_edge_cases(found: dict[str, list]) -> tuple[bool, list[str]]:
-    lines, ok = [], True
-    for task, runs in found.items():
-        by_case = {run.params["data.attack_case"]: stats["mean_backdoor"] for run, stats in runs}
-        values = [by_case.get(case, float("nan")) for case in CASES]
-        ordered = values[0] > values[1] > values[2]
+def tasks_of(conditions: list[Condition]) -> list[str]:
+    return list(dict.fromkeys(c.task for c in conditions))
+
+
+def one_per_seed(conditions: list[Condition], task: str) -> list[Condition]:
+    """The conditions of `task`, one per setting (the seed is averaged by `Results`)."""
+    return list(dict.fromkeys(replace(c, seed=0) for c in conditions if c.task == task))
+
+
+def check_edge_cases(results: Results, conditions: list[Condition]) -> tuple[bool, list[str]]:
+    ok, lines = True, []
+    for task in tasks_of(conditions):
+        lifts = {c.case: results.lift(c) for c in one_per_seed(conditions, task)}
+        ordered = lifts["edge"].mean > lifts["almost_edge"].mean > lifts["normal"].mean
         ok &= ordered
-        lines.append(f"  {task}: " + "   ".join(f"{case} ({share}) {pct(v)}" for (case, share), v in
-                                                  zip(CASES.items(), values)) + f"   -> {verdict(ordered)}")
-    lines.append("  (backdoor accuracy %, mean over rounds 1..R; needs edge > almost_edge > normal)")
+        lines.append(f"  {task}: " + "   ".join(f"{case} ({CASES[case]}) {lifts[case]}" for case in CASES)
+                     + f"   -> {verdict(ordered)}")
+    lines.append("  (lift in points: backdoor accuracy over the no-attack control, mean over rounds 1..R; "
+                 "needs edge > almost_edge > normal)")
     return ok, lines
 
 
-def defense_name(value: Any) -> str:
-    return value["class_path"] if isinstance(value, dict) else str(value)
-
-
-def check_defenses(runs: list) -> tuple[bool, list[str]]:
-    table: dict[tuple[str, str], float] = {}
-    for run, stats in runs:
-        table[(run.params["callbacks.init_args"]["mode"], defense_name(run.params["aggregator"]))] = \
-            stats["mean_backdoor"]
-    nan = float("nan")
-    lines = ["  defense           black-box    PGD"]
-    for defense in DEFENSES:
-        lines.append(f"  {defense:16s}  {pct(table.get(('blackbox', defense), nan))}      "
-                     f"{pct(table.get(('pgd', defense), nan))}")
-    pgd_open, bb_open = table.get(("pgd", "FedAvg"), nan), table.get(("blackbox", "FedAvg"), nan)
-    through = {d: table.get(("pgd", d), nan) >= FRACTION * pgd_open for d in DEFENSES}
-    weak = {d: table.get(("blackbox", d), nan) <= FRACTION * bb_open for d in ("Krum", "MultiKrum")}
-    lines.append(f"  PGD keeps >= {FRACTION:.0%} of its undefended {pct(pgd_open).strip()} % under: "
-                 + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in through.items()))
-    lines.append(f"  black-box keeps <= {FRACTION:.0%} of its undefended {pct(bb_open).strip()} % under: "
-                 + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in weak.items()))
-    lines.append("  (backdoor accuracy %, mean over rounds 1..R)")
-    return all(through.values()) and all(weak.values()), lines
-
-
-def check_frequency(runs: list) -> tuple[bool, list[str]]:
-    rows = sorted(((run.params["callbacks.attack_every"], stats) for run, stats in runs), key=lambda r: r[0])
-    means = [stats["mean_backdoor"] for _, stats in rows]
-    ok = len(means) > 1 and all(a > b for a, b in zip(means, means[1:]))
-    lines = ["  attack every   mean backdoor   at round R   rounds to 50 % (smoothed)"]
-    for every, stats in rows:
-        reached = stats["rounds_to_50"]
-        lines.append(f"  {every:>5d} rounds   {pct(stats['mean_backdoor'])}           {pct(stats['final_backdoor'])}"
-                     f"        {'never' if reached is None else reached}")
-    lines.append("  (backdoor accuracy %, mean over rounds 1..R; needs it to fall as attacks get rarer)")
-    return ok, lines
-
-
-def check_capacity(found: dict[str, list], order: dict[str, tuple[str, ...]]) -> tuple[bool, list[str]]:
-    lines, ok = [], True
-    for task, runs in found.items():
-        by_model = {run.params["model"]: stats for run, stats in runs}
-        models = [m for m in order[task] if m in by_model]
-        if len(models) < 2:
-            ok = False
-            lines.append(f"  {task}: fewer than two models finished -> FAIL")
-            continue
-        small, large = by_model[models[0]], by_model[models[-1]]
-        task_ok = small["mean_backdoor"] < large["mean_backdoor"] and small["smoothed_main"] < large["smoothed_main"]
+def check_defenses(results: Results, conditions: list[Condition]) -> tuple[bool, list[str]]:
+    ok, lines = True, []
+    for task in tasks_of(conditions):
+        lift = {(c.attack, c.defense): results.lift(c) for c in one_per_seed(conditions, task)}
+        lines += [f"  {task}:", "    defense           black-box            PGD"]
+        lines += [f"    {d:16s}  {lift['blackbox', d]!s:19s}  {lift['pgd', d]}" for d in DEFENSES]
+        through = {d: lift["pgd", d].mean >= MIN_LIFT for d in DEFENSES}
+        open_lift = lift["blackbox", "FedAvg"].mean
+        weak = {d: open_lift >= MIN_LIFT and lift["blackbox", d].mean <= WEAK_FRACTION * open_lift
+                for d in ("Krum", "MultiKrum")}
+        task_ok = all(through.values()) and all(weak.values())
         ok &= task_ok
-        lines.append(f"  {task}: " + "   ".join(f"{m} backdoor {pct(by_model[m]['mean_backdoor'])} main "
-                                                  f"{pct(by_model[m]['smoothed_main'])}" for m in models)
-                     + f"   -> {verdict(task_ok)}")
-    lines.append("  (backdoor: mean over rounds 1..R; main: 10-round mean at the end; in %; needs the smallest "
-                 "model below the largest in both)")
+        lines.append(f"    PGD lifts >= {MIN_LIFT:g} points under: "
+                     + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in through.items()))
+        lines.append(f"    black-box keeps <= {WEAK_FRACTION:.0%} of its undefended {open_lift:.1f} points under: "
+                     + ", ".join(f"{d} {'yes' if v else 'NO'}" for d, v in weak.items()) + f"   -> {verdict(task_ok)}")
+    lines.append("  (lift in points over the no-attack control with the same aggregator, mean over rounds 1..R)")
     return ok, lines
 
 
-def check(preset: Preset, out_dir: Path, invocations: list[Invocation]) -> list[str]:
-    """The four claims with their numbers, as printed lines."""
-    by_claim: dict[int, list[Invocation]] = {}
-    for invocation in invocations:
-        by_claim.setdefault(invocation.claim, []).append(invocation)
-
-    def task_of(invocation: Invocation) -> str:
-        return invocation.file.split("_", 1)[0]
-
-    edge = {task_of(i): results(out_dir, i) for i in by_claim[1]}
-    capacity: dict[str, list] = {}
-    for invocation in by_claim[4]:
-        capacity.setdefault(task_of(invocation), []).extend(results(out_dir, invocation))
-    checks = [
-        ("1. Pure edge-case attacks are stronger than not-so-edge ones (100 % > 50 % > 10 %)",
-         check_edge_cases(edge)),
-        ("2. PGD gets through every defense; black-box data poisoning is weak against Krum and Multi-Krum (emnist)",
-         check_defenses(results(out_dir, by_claim[2][0]))),
-        ("3. A lower attack frequency injects the backdoor more slowly (emnist)",
-         check_frequency(results(out_dir, by_claim[3][0]))),
-        ("4. Lower-capacity models resist the backdoor better but lose main-task accuracy",
-         check_capacity(capacity, {"emnist": preset.widths, "sentiment140": preset.s140_models})),
-    ]
-    lines = []
-    for title, (ok, details) in checks:
-        lines += [f"{title}: {verdict(ok)}", *details, ""]
-    return lines
+def check_frequency(results: Results, conditions: list[Condition]) -> tuple[bool, list[str]]:
+    ok, lines = True, []
+    for task in tasks_of(conditions):
+        rows = sorted(one_per_seed(conditions, task), key=lambda c: c.every)
+        lifts = [results.lift(c) for c in rows]
+        task_ok = len(lifts) > 1 and all(a.mean > b.mean for a, b in zip(lifts, lifts[1:]))
+        ok &= task_ok
+        lines.append(f"  {task}: " + "   ".join(f"every {c.every}: {lift}" for c, lift in zip(rows, lifts))
+                     + f"   -> {verdict(task_ok)}")
+    lines.append("  (lift in points, mean over rounds 1..R; needs it to fall as attacks get rarer)")
+    return ok, lines
 
 
-def write_reports(root: Path, invocations: list[Invocation]) -> None:
-    """One report (table and figures) per claim and task, over all its sweep directories."""
-    groups: dict[str, list[Path]] = {}
-    for invocation in invocations:
-        key = f"claim{invocation.claim}_{invocation.file.split('_', 1)[0]}"
-        groups.setdefault(key, []).append(invocation.plan(root)[1])
-    for key, sweep_dirs in groups.items():
-        write_report(sweep_dirs, out=root / "reports" / key)
+def check_capacity(results: Results, conditions: list[Condition], order: dict[str, tuple[str, ...]]
+                   ) -> tuple[bool, list[str]]:
+    ok, lines = True, []
+    for task in tasks_of(conditions):
+        by_model = {c.model: c for c in one_per_seed(conditions, task)}
+        small, large = by_model[order[task][0]], by_model[order[task][-1]]
+        lift = {m: results.lift(c) for m, c in by_model.items()}
+        main = {m: results.main(c.control) for m, c in by_model.items()}
+        task_ok = (lift[small.model].mean < lift[large.model].mean
+                   and main[small.model].mean < main[large.model].mean)
+        ok &= task_ok
+        lines.append(f"  {task}: " + "   ".join(f"{m} lift {lift[m]} main {main[m]}" for m in order[task])
+                     + f"   -> {verdict(task_ok)}")
+    lines.append("  (lift in points, mean over rounds 1..R; main: the control's main-task accuracy at round R, %; "
+                 "needs the smallest model below the largest in both)")
+    return ok, lines
 
 
-def claims(*, out_dir: str = "runs/claims", quick: bool = False, jobs: int = 2) -> None:
-    """Runs the claims preset (emnist on mnist, sentiment140 on its sample) and checks the paper's four claims.
+CLAIMS: dict[int, tuple[str, Callable[..., tuple[bool, list[str]]]]] = {
+    1: ("Pure edge-case attacks are stronger than not-so-edge ones (100 % > 50 % > 10 %)", check_edge_cases),
+    2: ("PGD gets through every defense; black-box data poisoning is weak against Krum and Multi-Krum",
+        check_defenses),
+    3: ("A lower attack frequency injects the backdoor more slowly", check_frequency),
+    4: ("Lower-capacity models resist the backdoor better but lose main-task accuracy", check_capacity),
+}
+
+
+def check(preset: Preset, results: Results) -> tuple[dict[int, bool], list[str]]:
+    """Every claim's verdict and its printed lines."""
+    verdicts, lines = {}, []
+    order = {s.task: s.models for s in preset.tasks}
+    for claim, conditions in attack_conditions(preset).items():
+        title, test = CLAIMS[claim]
+        ok, details = test(results, conditions, order) if claim == 4 else test(results, conditions)
+        verdicts[claim] = ok
+        lines += [f"{claim}. {title} ({', '.join(tasks_of(conditions))}): {verdict(ok)}", *details, ""]
+    return verdicts, lines
+
+
+def load_results(plan: Plan) -> Results:
+    return Results({c: read_metrics(plan.run_dir(c)) for c in all_runs(plan.preset)}, plan.preset.seeds)
+
+
+def mean_curve(results: Results, condition: Condition) -> pd.DataFrame:
+    """A setting's metrics averaged over seeds, by round."""
+    frames = [results.curves[replace(condition, seed=s)][["round", "main_acc", "backdoor_acc"]] for s in results.seeds]
+    return pd.concat(frames).groupby("round", as_index=False).mean()
+
+
+def write_figures(preset: Preset, results: Results, out: Path) -> list[Path]:
+    """One figure per claim and task: each setting's curves (mean over seeds), its control dashed in its colour."""
+    figures = []
+    for claim, conditions in attack_conditions(preset).items():
+        for task in tasks_of(conditions):
+            settings = one_per_seed(conditions, task)
+            varying = [k for k in ("case", "defense", "attack", "every", "model")
+                       if len({getattr(c, k) for c in settings}) > 1]
+            lines, controls = [], {}
+            for condition in settings:
+                color = controls.setdefault(condition.control, len(controls))
+                name = ", ".join(str(getattr(condition, k)) for k in varying)
+                lines.append(Line(name, mean_curve(results, condition), color))
+            for control, color in controls.items():
+                name = ", ".join(str(getattr(control, k)) for k in varying if k not in ("attack", "every"))
+                lines.append(Line(f"{name or 'no'} control".strip(", "), mean_curve(results, control), color,
+                                  dashed=True))
+            path = out / f"claim{claim}_{task}.png"
+            figures.append(plot_curves(lines, path, f"Claim {claim}, {task}: {CLAIMS[claim][0]}", window=1))
+    return figures
+
+
+def claims(*, preset: Literal["small", "quick", "paper"] = "small", quick: bool = False, out_dir: str = "runs/claims",
+           jobs: int = 2) -> None:
+    """Runs a claims preset (clean starts, then every attack with its control) and checks the paper's four claims.
 
     Args:
-        out_dir: Where the clean models, the sweeps, their reports and claims.md go; finished runs are reused.
-        quick: The smaller preset: emnist only, 10 rounds per run, two model widths.
+        preset: `small` (the default: both tasks, two seeds, sized for a 2-core machine), `quick` (emnist, one
+            seed: a smoke test) or `paper` (the paper's protocol, for GPUs).
+        quick: Shorthand for `--preset quick`.
+        out_dir: Where the clean starts, the runs, the figures and claims.md go; finished runs are reused.
         jobs: Runs at a time (each with cores / jobs threads).
     """
     raise_problems([check_int("--jobs", jobs, minimum=1)])
     started = time.perf_counter()
-    name = "quick" if quick else "full"
-    preset, root = PRESETS[name], Path(out_dir)
-    clean, invocations = plan(preset, root)
-    # A bad attack run stops the check before the clean models train: parsed and built now, its
-    # settings checked by run_phase once its `init_from` model exists.
-    check_runs(clean)
-    check_runs([run for invocation in invocations for run in invocation.plan(root)[2]], settings=False)
-    run_phase(root, clean, [], jobs)
-    run_phase(root, [], invocations, jobs)
-    write_reports(root, invocations)
+    name = "quick" if quick else preset
+    plan = Plan(PRESETS[name], Path(out_dir))
+    starts, runs = plan.starts(), plan.runs()
+    # Every run is parsed and built before anything starts; the attack runs' settings are checked once
+    # their start models exist.
+    check_runs(starts)
+    check_runs(runs, settings=False)
+    execute(starts, jobs, plan.root / "starts" / "index.jsonl")
+    check_starts(plan, starts)
+    check_runs(runs)
+    execute(runs, jobs, plan.root / "runs" / "index.jsonl")
+    results = load_results(plan)
+    verdicts, lines = check(plan.preset, results)
+    figures = write_figures(plan.preset, results, plan.root / "figures")
     minutes = (time.perf_counter() - started) / 60
-    header = [f"Claims of Wang et al., \"Attack of the Tails\" (NeurIPS 2020), on the {name} preset in {root}",
-              f"(emnist on the mnist source{', sentiment140 on its 100k sample' if preset.sentiment else ''}; "
-              f"{preset.rounds}-round attacks from a clean model; this invocation took {minutes:.1f} min)", ""]
-    lines = header + check(preset, root, invocations)
-    text = "\n".join(lines)
+    header = [f"Claims of Wang et al., \"Attack of the Tails\" (NeurIPS 2020): the {name} preset in {plan.root}",
+              f"({plan.preset.description}; this invocation took {minutes:.1f} min)", ""]
+    summary = ["Summary: " + ", ".join(f"claim {c} {verdict(ok)}" for c, ok in verdicts.items())]
+    text = "\n".join(header + lines + summary)
     print(text)
-    (root / "claims.md").write_text("```\n" + text + "\n```\n")
+    (plan.root / "claims.md").write_text("```\n" + text + "\n```\n\n"
+                                         + "\n".join(f"![{p.stem}](figures/{p.name})" for p in figures) + "\n")

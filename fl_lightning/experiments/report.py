@@ -191,33 +191,50 @@ def markdown_table(groups: list[Group], keys: list[str], window: int = SMOOTH_WI
     return "\n".join(lines)
 
 
+@dataclass
+class Line:
+    """One curve of a figure: its legend entry, its metrics by round, its colour index and style."""
+
+    label: str
+    curve: pd.DataFrame
+    color: int
+    dashed: bool = False
+
+
 def plot_groups(groups: list[Group], line_keys: list[str], path: Path, title: str,
                 window: int = SMOOTH_WINDOW) -> Path:
-    """The paper's figure: main-task accuracy (left) and smoothed target-task accuracy (right) vs rounds."""
+    """The paper's figure of a report: one line per group (solid for the first 10 colours, then dashed)."""
+    lines = [Line(label(group.params, line_keys) if line_keys else "run", group.curve, i % 10, dashed=i >= 10)
+             for i, group in enumerate(groups)]
+    return plot_curves(lines, path, title, window, legend_title=", ".join(short_key(k) for k in line_keys) or None)
+
+
+def plot_curves(lines: list[Line], path: Path, title: str, window: int = SMOOTH_WINDOW,
+                legend_title: str | None = None) -> Path:
+    """Main-task accuracy (left) and target-task accuracy, smoothed over `window` rounds (right), vs rounds."""
     # Imported here so that `fit` (same CLI) does not pay for matplotlib at start-up.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(11, 4.2 + 0.2 * ((len(groups) + 2) // 3)), layout="constrained")
+    figure = Figure(figsize=(11, 4.2 + 0.2 * ((len(lines) + 2) // 3)), layout="constrained")
     FigureCanvasAgg(figure)
     main_ax, backdoor_ax = figure.subplots(1, 2, sharex=True)
-    colors = [f"C{i}" for i in range(10)]
-    for i, group in enumerate(groups):
-        curve, style = group.curve, {"color": colors[i % 10], "linestyle": "-" if i < 10 else "--", "linewidth": 1.6}
-        name = label(group.params, line_keys) if line_keys else "run"
-        main_ax.plot(curve["round"], 100 * curve["main_acc"], label=name, **style)
-        backdoor_ax.plot(curve["round"], 100 * smooth(curve["backdoor_acc"], window), label=name, **style)
-    for ax, ylabel in ((main_ax, "Main task accuracy (%)"),
-                       (backdoor_ax, f"Target task accuracy (%), {window}-round mean")):
+    for line in lines:
+        style = {"color": f"C{line.color % 10}", "linestyle": "--" if line.dashed else "-", "linewidth": 1.6}
+        main_ax.plot(line.curve["round"], 100 * line.curve["main_acc"], label=line.label, **style)
+        backdoor_ax.plot(line.curve["round"], 100 * smooth(line.curve["backdoor_acc"], window), label=line.label,
+                         **style)
+    smoothed = f", {window}-round mean" if window > 1 else ""
+    for ax, ylabel in ((main_ax, "Main task accuracy (%)"), (backdoor_ax, f"Target task accuracy (%){smoothed}")):
         ax.set_xlabel("Communication rounds")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     # One legend for both panels, below them, so that it never hides a curve.
-    figure.legend(*main_ax.get_legend_handles_labels(), loc="outside lower center", ncols=min(3, len(groups)),
-                  fontsize=8, title=", ".join(short_key(k) for k in line_keys) or None, title_fontsize=8)
+    figure.legend(*main_ax.get_legend_handles_labels(), loc="outside lower center", ncols=min(3, len(lines)),
+                  fontsize=8, title=legend_title, title_fontsize=8)
     figure.suptitle(title, fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
