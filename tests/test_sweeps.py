@@ -291,3 +291,26 @@ def test_interrupted_sweep_skips_finished_runs(tmp_path, monkeypatch):
     sweep_file = load_sweep(REPO / "sweeps" / "toy_smoke.yaml", overrides)
     planned = plan_runs(sweep_file, expand(sweep_file, 2), sweep_dir)
     assert all(run.status() == "done" for run in planned)
+
+
+def test_a_run_in_a_reused_worker_equals_one_in_a_fresh_process(tmp_path):
+    """A worker that already ran something else gives the bitwise-same model; a bad run does not stop it."""
+    import torch
+    from cli_helpers import final_model, run_cli
+
+    from fl_lightning.experiments.worker import Worker
+
+    common = ["fit", "--task", "toy", "--fl.rounds", "2", "--log.logger", "csv", "--log.progress_bar", "false",
+              "--num_threads", "1", "--callbacks+=EdgeCaseAttack", "--callbacks.attack_every", "1",
+              "--callbacks.mode", "pgd", "--callbacks.honest_norm_factor", "0.5", "--out_dir", str(tmp_path / "runs")]
+    worker, log = Worker(), tmp_path / "worker.log"
+    try:
+        assert worker.run([*common, "--seed", "3", "--aggregator", "Krum", "--name", "before"], log) == 0
+        assert worker.run(["fit", "--task", "nope"], log) == 2
+        assert worker.run([*common, "--name", "reused"], log) == 0
+    finally:
+        worker.close()
+    run_cli(*common, "--name", "fresh", cwd=tmp_path)
+    assert torch.equal(final_model(tmp_path / "runs" / "reused"), final_model(tmp_path / "runs" / "fresh"))
+    assert "error: unknown task 'nope'" in log.read_text() and "final model" in log.read_text()
+    assert not Worker.takes(["--devices=2"]) and Worker.takes(["--devices", "1"]) and Worker.takes([])

@@ -33,6 +33,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -47,6 +48,7 @@ from fl_lightning.checkpoint import CHECKPOINT_NAME, MODEL_NAME
 from fl_lightning.cli import check_fit_args
 from fl_lightning.config import ConfigError, check_int, raise_problems
 from fl_lightning.data import DataError
+from fl_lightning.experiments.worker import Worker
 
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 # `wandb agent`'s command when the file has none (wandb_agent.py, DEFAULT_SWEEP_COMMAND).
@@ -410,8 +412,8 @@ def read_index(sweep_dir: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def execute(run: PlannedRun, num_threads: int | None = None) -> dict[str, Any]:
-    """Runs (or resumes) one planned run as a subprocess; its output goes to `<run dir>/run.log`.
+def execute(run: PlannedRun, num_threads: int | None = None, worker: Worker | None = None) -> dict[str, Any]:
+    """Runs (or resumes) one planned run as a subprocess, or in `worker`; its output goes to `<run dir>/run.log`.
 
     Returns:
         `status` (`done` when it exited 0 with a final model, else `failed`), `returncode`, `seconds`.
@@ -424,14 +426,24 @@ def execute(run: PlannedRun, num_threads: int | None = None) -> dict[str, Any]:
     with open(run.run_dir / "run.log", "a") as log:  # the run's own output, kept beside its results
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        args = fit_args(argv)
+        if worker is not None and args is not None and Worker.takes(args):
+            returncode = worker.run(["fit", *args], run.run_dir / "run.log")
+        else:
+            returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL).returncode
     return {"status": "done" if returncode == 0 and run.status() == "done" else "failed",
             "returncode": returncode, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def execute_all(runs: list[PlannedRun], rows: list[dict[str, Any]], jobs: int = 1,
-                on_change: Callable[[], None] = lambda: None, say: Callable[[str], None] = print) -> None:
-    """Runs every unfinished run, `jobs` at a time, updating its row and calling `on_change` after each."""
+                on_change: Callable[[], None] = lambda: None, say: Callable[[str], None] = print,
+                reuse_processes: bool = False) -> None:
+    """Runs every unfinished run, `jobs` at a time, updating its row and calling `on_change` after each.
+
+    With `reuse_processes`, each of the `jobs` lanes runs its `fit` commands in one long-lived worker
+    process (`worker.py`), which imports torch and Lightning once instead of once per run.
+    """
     todo = [(run, row) for run, row in zip(runs, rows) if run.status() != "done"]
     for run, row in zip(runs, rows):
         if run.status() == "done":
@@ -440,14 +452,24 @@ def execute_all(runs: list[PlannedRun], rows: list[dict[str, Any]], jobs: int = 
         + (f", {jobs} at a time" if jobs > 1 and todo else ""))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // jobs) if jobs > 1 else None
+    lanes, workers = threading.local(), []
+
+    def lane_worker() -> Worker | None:
+        if reuse_processes and not hasattr(lanes, "worker"):
+            lanes.worker = Worker()
+            workers.append(lanes.worker)
+        return getattr(lanes, "worker", None)
+
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(execute, run, threads): (run, row) for run, row in todo}
+        futures = {pool.submit(lambda r: execute(r, threads, lane_worker()), run): (run, row) for run, row in todo}
         for done, future in enumerate(as_completed(futures), start=1):
             run, row = futures[future]
             row.update(future.result())
             on_change()  # only this thread writes the index
             say(f"[{done}/{len(todo)}] {run.name}: {row['status']} in {row['seconds']:.0f} s"
                 + ("" if row["status"] == "done" else f" (exit {row['returncode']}; see {run.run_dir / 'run.log'})"))
+    for worker in workers:
+        worker.close()
 
 
 def run_sweep(file: str | Path, max_runs: int | None = None, overrides: list[str] | None = None,
