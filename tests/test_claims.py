@@ -139,12 +139,13 @@ def test_plan_pairs_every_attack_with_a_control(tmp_path):
     assert {c.case for c in attacks} == set(CASES)
 
 
-def test_small_preset_runs_are_valid_fit_commands(capsys, tmp_path):
-    plan = Plan(SMALL, tmp_path)
+@pytest.mark.parametrize("preset", ["small", "paper"])
+def test_preset_runs_are_valid_fit_commands(capsys, tmp_path, preset):
+    plan = Plan(PRESETS[preset], tmp_path)
     runs = plan.runs()
     # One of every kind: the starts, each defense with PGD, the not-so-edge cases, the small models.
     sample = [*plan.starts(), *(r for r in runs if "pgd" in r.name and "_s1" in r.name),
-              *(r for r in runs if "normal" in r.name or "w0.25" in r.name or "h50" in r.name)]
+              *(r for r in runs if ("normal" in r.name or "w0.25" in r.name or "h50" in r.name) and "_s1" in r.name)]
     for run in sample:
         cli_args = run.argv[run.argv.index("fl_lightning") + 1:]
         if "init_from" in run.params:  # the start model does not exist yet: check everything else
@@ -153,7 +154,7 @@ def test_small_preset_runs_are_valid_fit_commands(capsys, tmp_path):
         assert code == 0, f"{' '.join(cli_args)}\n{err}"
         config = yaml.safe_load(out)
         assert config["log"]["logger"] == "csv"
-        if config["task"] == "emnist":
+        if config["task"] == "emnist" and preset == "small":
             assert config["data"]["source"] == "mnist" and config["data"]["edge_count"] == 20
 
 
@@ -175,3 +176,20 @@ def test_claims_cli_presets(capsys, monkeypatch, tmp_path):
     assert chosen == [PRESETS["quick"], PRESETS["paper"], PRESETS["small"]]
     code, _, err = run_main(capsys, "claims", "--preset", "huge")
     assert code == 2 and "--preset" in err
+
+
+def test_figures_one_per_claim_and_task_with_dashed_controls(tmp_path, monkeypatch):
+    drawn = []
+    real = claims_module.plot_curves
+    monkeypatch.setattr(claims_module, "plot_curves", lambda lines, path, *a, **k: drawn.append((path.name, lines))
+                        or real(lines, path, *a, **k))
+    figures = claims_module.write_figures(SMALL, synthetic(passing_lifts(), mains=SMALL_MAINS), tmp_path)
+    assert sorted(p.name for p in figures) == sorted(
+        ["claim1_emnist.png", "claim1_sentiment140.png", "claim2_emnist.png", "claim2_sentiment140.png",
+         "claim3_emnist.png", "claim4_emnist.png", "claim4_sentiment140.png"])
+    assert all(p.stat().st_size > 10_000 for p in figures)
+    lines = dict(drawn)["claim2_emnist.png"]
+    # 12 attack settings, each with its control dashed in its colour: one control per defense.
+    solid, dashed = [ln for ln in lines if not ln.dashed], [ln for ln in lines if ln.dashed]
+    assert len(solid) == 12 and len(dashed) == 6 and {ln.color for ln in solid} == {ln.color for ln in dashed}
+    assert "GeometricMedian control" in {ln.label for ln in dashed}

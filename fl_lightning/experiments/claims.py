@@ -68,7 +68,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from fl_lightning.config import check_int, raise_problems
-from fl_lightning.experiments.report import Line, plot_curves, read_metrics
+from fl_lightning.experiments.report import Line, attacked_rounds, plot_curves, read_metrics
 from fl_lightning.experiments.sweep import PlannedRun, check_runs, execute_all, format_args, parse_overrides
 
 CASES = {"edge": "100 %", "almost_edge": "50 %", "normal": "10 %"}
@@ -467,8 +467,11 @@ def write_figures(preset: Preset, results: Results, out: Path) -> list[Path]:
                 name = ", ".join(str(getattr(control, k)) for k in varying if k not in ("attack", "every"))
                 lines.append(Line(f"{name or 'no'} control".strip(", "), mean_curve(results, control), color,
                                   dashed=True))
+            shade = set.intersection(*(attacked_rounds(results.curves[replace(c, seed=s)])
+                                       for c in settings for s in results.seeds))
             path = out / f"claim{claim}_{task}.png"
-            figures.append(plot_curves(lines, path, f"Claim {claim}, {task}: {CLAIMS[claim][0]}", window=1))
+            figures.append(plot_curves(lines, path, f"Claim {claim}, {task}: {CLAIMS[claim][0]}", window=1,
+                                       shade=sorted(shade)))
     return figures
 
 

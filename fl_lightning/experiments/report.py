@@ -203,15 +203,28 @@ class Line:
 
 def plot_groups(groups: list[Group], line_keys: list[str], path: Path, title: str,
                 window: int = SMOOTH_WINDOW) -> Path:
-    """The paper's figure of a report: one line per group (solid for the first 10 colours, then dashed)."""
+    """The paper's figure of a report: one line per group (solid for the first 10 colours, then dashed); the
+    rounds every run of the figure was attacked in are shaded."""
     lines = [Line(label(group.params, line_keys) if line_keys else "run", group.curve, i % 10, dashed=i >= 10)
              for i, group in enumerate(groups)]
-    return plot_curves(lines, path, title, window, legend_title=", ".join(short_key(k) for k in line_keys) or None)
+    attacked = set.intersection(*(attacked_rounds(run.metrics) for group in groups for run in group.runs))
+    return plot_curves(lines, path, title, window, legend_title=", ".join(short_key(k) for k in line_keys) or None,
+                       shade=sorted(attacked))
+
+
+def attacked_rounds(metrics: pd.DataFrame) -> set[int]:
+    """The rounds an attack callback marked `attacked` in a run's metrics."""
+    if "attacked" not in metrics:
+        return set()
+    return {int(r) for r in metrics["round"][metrics["attacked"].fillna(0) > 0]}
 
 
 def plot_curves(lines: list[Line], path: Path, title: str, window: int = SMOOTH_WINDOW,
-                legend_title: str | None = None) -> Path:
-    """Main-task accuracy (left) and target-task accuracy, smoothed over `window` rounds (right), vs rounds."""
+                legend_title: str | None = None, shade: list[int] = ()) -> Path:
+    """Main-task accuracy (left) and target-task accuracy, smoothed over `window` rounds (right), vs rounds.
+
+    `shade`: rounds to mark (attacked rounds), each as the span from the round before it.
+    """
     # Imported here so that `fit` (same CLI) does not pay for matplotlib at start-up.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -225,6 +238,10 @@ def plot_curves(lines: list[Line], path: Path, title: str, window: int = SMOOTH_
         main_ax.plot(line.curve["round"], 100 * line.curve["main_acc"], label=line.label, **style)
         backdoor_ax.plot(line.curve["round"], 100 * smooth(line.curve["backdoor_acc"], window), label=line.label,
                          **style)
+    for ax in (main_ax, backdoor_ax):
+        for i, round_idx in enumerate(shade):
+            ax.axvspan(round_idx - 1, round_idx, color="tab:red", alpha=0.12, linewidth=0,
+                       label="attacked round" if i == 0 and ax is main_ax else None)
     smoothed = f", {window}-round mean" if window > 1 else ""
     for ax, ylabel in ((main_ax, "Main task accuracy (%)"), (backdoor_ax, f"Target task accuracy (%){smoothed}")):
         ax.set_xlabel("Communication rounds")
