@@ -18,7 +18,7 @@ METRICS: dict[str, str] = {
     "train_loss": "train", "train_loss_benign": "train", "train_loss_adv": "train",
     "update_norm_mean": "update", "update_norm_benign": "update", "update_norm_adv": "update",
     "aggregate_norm": "agg", "adversary_weight": "agg", "adversary_norm_quantile": "agg", "num_adversaries": "agg",
-    "rejected_updates": "agg",
+    "rejected_updates": "agg", "detection_tpr": "agg", "detection_fpr": "agg",
     "lr": "train", "train_examples": "train", "seconds": "time", "eval_seconds": "time",
 }
 """Metric name -> W&B group, in `metrics.csv` column order (`round` is the W&B step, not a metric)."""
@@ -81,6 +81,10 @@ def round_metrics(updates: RoundUpdates, aggregate: Aggregate, num_rejected: int
         metrics["adversary_weight"] = float(aggregate.client_weights.cpu()[adv].sum())
     if adv.any() and (~adv).any():
         metrics["adversary_norm_quantile"] = norm_quantile(norms[adv], norms[~adv])
+    flagged = aggregate.flagged_mask()
+    if flagged is not None:  # detection: the share of attackers' and of honest updates the rule flagged
+        _mean_into(metrics, "detection_tpr", flagged[adv].double())
+        _mean_into(metrics, "detection_fpr", flagged[~adv].double())
     for key in sorted({k for stats in updates.stats for k in stats}):
         _mean_into(metrics, key, torch.tensor([s[key] for s in updates.stats if key in s], dtype=torch.float64))
     return metrics

@@ -81,3 +81,25 @@ def test_run_summary_says_before_and_after_the_attacks():
     clean = [{**row, "attacked": 0.0} for row in history]
     assert summary_lines(clean)[-1] == "round 5 (last): main 95.0 %, backdoor 50.0 %"
     assert summary_lines([{"round": 1, "main_acc": None}]) == []
+
+
+def test_detection_rates_and_norm_quantile_by_hand():
+    from fl_lightning.aggregation import Aggregate
+    from fl_lightning.metrics import norm_quantile, round_metrics
+    from fl_lightning.types import RoundUpdates
+
+    # Norms 1, 2, 3, 4, 5; the attackers are rows 1 (norm 2) and 4 (norm 5).
+    deltas = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    adv = torch.tensor([False, True, False, False, True])
+    updates = RoundUpdates(torch.arange(5), deltas, torch.ones(5), torch.zeros(5), adv, [{}] * 5)
+    # A Krum-like pick of row 0: rows 1..4 get zero weight, so they are flagged.
+    picked = Aggregate(update=deltas[0], client_weights=torch.tensor([1.0, 0, 0, 0, 0]))
+    metrics = round_metrics(updates, picked, num_rejected=0)
+    assert metrics["detection_tpr"] == 1.0 and metrics["detection_fpr"] == pytest.approx(2 / 3)
+    # Norm 2 is above 1 of the 3 honest norms (1, 3, 4), norm 5 above all 3: mean (1/3 + 1) / 2.
+    assert metrics["adversary_norm_quantile"] == pytest.approx(2 / 3)
+    assert norm_quantile(torch.tensor([3.0]), torch.tensor([1.0, 3.0, 4.0])) == pytest.approx(0.5)  # a tie: half
+    # An explicit mask wins; a rule with no weights and no mask reports no detection.
+    marked = Aggregate(update=deltas[0], client_weights=None, flagged=adv.clone())
+    assert round_metrics(updates, marked, 0)["detection_fpr"] == 0.0
+    assert "detection_tpr" not in round_metrics(updates, Aggregate(update=deltas[0], client_weights=None), 0)
