@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from fl_lightning.aggregation import Aggregator, FedAvg
+from fl_lightning.callbacks.bulyan import Bulyan
 from fl_lightning.callbacks.clipping import NormClipping, WeakDP
 from fl_lightning.callbacks.coordinatewise import CoordinateMedian, TrimmedMean
 from fl_lightning.callbacks.edge_case import EdgeCaseAttack
@@ -15,6 +16,7 @@ from fl_lightning.hooks import FLCallback
 
 __all__ = [
     "Aggregator",
+    "Bulyan",
     "CoordinateMedian",
     "EdgeCaseAttack",
     "FedAvg",

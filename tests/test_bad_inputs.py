@@ -120,6 +120,7 @@ FIT_CASES = [
     ([*ATTACK, "--callbacks.adv_epochs", "0"], "--callbacks.adv_epochs"),
     ([*ATTACK, "--callbacks.prox_coefficient", "-1"], "--callbacks.prox_coefficient"),
     ([*ATTACK, "--callbacks.mode", "whitebox"], "--callbacks.mode"),
+    ([*TOY, "--aggregator", "Bulyan", "--fl.clients_per_round", "6"], "--aggregator.num_adversaries"),
     ([*ATTACK, "--callbacks.honest_norm_factor", "0.5"], "--callbacks.honest_norm_factor"),
     ([*ATTACK, "--callbacks.mode", "pgd", "--callbacks.honest_norm_factor", "0"], "--callbacks.honest_norm_factor"),
     ([*ATTACK, "--callbacks.schedule", "sometimes"], "--callbacks.schedule"),

@@ -576,3 +576,66 @@ def test_weak_dp_noise_on_the_model_does_not_shrink_with_the_server_step(tmp_pat
     full, quarter = moved("full", "0.5", "1.0") - start, moved("quarter", "0.5", "0.25") - start
     torch.testing.assert_close(quarter, full, atol=1e-6, rtol=0)
     assert 0.4 < full.std().item() < 0.6
+
+
+# ----- Bulyan (El Mhamdi et al., ICML 2018) -----
+
+def test_bulyan_by_hand():
+    from fl_lightning.callbacks.bulyan import Bulyan, bulyan_selection
+    from fl_lightning.kernels import pairwise_sq_distances
+
+    # Seven scalar updates, f = 1 (n = 4f + 3): theta = 5 Krum picks, then the beta = 3 values nearest the median.
+    deltas = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [100.0]])
+    # Picks (worked by hand from Krum's scores over what is left): 2 (scores 30, 15, 10, 10, 15, 30, ...), 3, then
+    # 1 (a tie with 4: the lower index), 4 and 0 (one nearest neighbour each once fewer than f + 3 are left).
+    assert bulyan_selection(pairwise_sq_distances(deltas), 1).tolist() == [2, 3, 1, 4, 0]
+    result = Bulyan(num_adversaries=1).aggregate(deltas, torch.ones(7), torch.Generator())
+    assert result.update.tolist() == [2.0]  # the mean of 1, 2, 3 around the median 2 of {0, 1, 2, 3, 4}
+    assert result.flagged.tolist() == [False] * 5 + [True, True] and result.client_weights is None
+
+
+def test_bulyan_trimmed_mean_around_the_median_by_hand():
+    from fl_lightning.callbacks.bulyan import trimmed_mean_around_median
+
+    rows = torch.tensor([[1.0, 10.0, 0.0], [2.0, 0.0, 1.0], [7.0, 4.0, 3.0], [3.0, 5.0, 4.0]])
+    # Medians 2.5, 4.5 and 2; the two nearest values per column: {2, 3}, {4, 5}, and {1, 3} (1 and 3 tie at
+    # distance 1 with each other; 0 and 4 are farther).
+    assert trimmed_mean_around_median(rows, keep=2).tolist() == [2.5, 4.5, 2.0]
+    # One value: of 1 and 3, equally far from the median 2, the lower one.
+    assert trimmed_mean_around_median(rows[:, 2:], keep=1).tolist() == [1.0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bulyan_flags_a_planted_far_outlier(seed):
+    from fl_lightning.callbacks.bulyan import Bulyan
+
+    generator = torch.Generator().manual_seed(seed)
+    deltas = torch.randn(11, 50, generator=generator)  # f = 2: n = 4f + 3
+    outlier = int(torch.randint(11, (1,), generator=generator))
+    deltas[outlier] += 100.0
+    result = Bulyan(num_adversaries=2).aggregate(deltas, torch.ones(11), generator)
+    assert bool(result.flagged[outlier]) and int(result.flagged.sum()) == 4
+    honest = torch.cat([deltas[:outlier], deltas[outlier + 1:]])
+    # Every coordinate stays within the honest values' range.
+    assert bool((result.update <= honest.max(dim=0).values).all() and (result.update >= honest.min(dim=0).values).all())
+
+
+def test_bulyan_refuses_too_few_updates():
+    from fl_lightning.callbacks.bulyan import Bulyan
+    from fl_lightning.config import ConfigError, FLArgs
+
+    with pytest.raises(ConfigError, match=r"Bulyan needs at least 4 \* f \+ 3 = 7 updates per round"):
+        Bulyan(num_adversaries=1).check_run(FLArgs(num_clients=20, clients_per_round=6))
+    with pytest.raises(ValueError, match="at least 4 \\* f \\+ 3 = 11"):
+        Bulyan(num_adversaries=2).aggregate(torch.zeros(10, 3), torch.ones(10), torch.Generator())
+
+
+def test_bulyan_through_the_cli_reports_detection(tmp_path):
+    run_cli("fit", "--task", "toy", "--fl.rounds", "2", "--fl.clients_per_round", "7", "--aggregator", "Bulyan",
+            "--callbacks+=EdgeCaseAttack", "--callbacks.attack_every", "1", "--log.logger", "csv",
+            "--log.progress_bar", "false", "--name", "bulyan", cwd=tmp_path)
+    rows = read_metrics(tmp_path / "runs" / "bulyan")
+    for row in rows[1:]:
+        # Bulyan leaves 2f = 2 of the 7 updates out every round: the attacker and one honest, or two honest.
+        flagged = float(row["detection_tpr"]) + 6 * float(row["detection_fpr"])
+        assert flagged == pytest.approx(2.0)
