@@ -10,6 +10,7 @@ from fl_lightning.callbacks.bulyan import Bulyan
 from fl_lightning.callbacks.clipping import NormClipping, WeakDP
 from fl_lightning.callbacks.coordinatewise import CoordinateMedian, TrimmedMean
 from fl_lightning.callbacks.edge_case import EdgeCaseAttack
+from fl_lightning.callbacks.flame import FLAME
 from fl_lightning.callbacks.krum import Krum, MultiKrum
 from fl_lightning.callbacks.rfa import GeometricMedian
 from fl_lightning.hooks import FLCallback
@@ -20,6 +21,7 @@ __all__ = [
     "CoordinateMedian",
     "EdgeCaseAttack",
     "FedAvg",
+    "FLAME",
     "FLCallback",
     "GeometricMedian",
     "Krum",

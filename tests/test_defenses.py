@@ -639,3 +639,54 @@ def test_bulyan_through_the_cli_reports_detection(tmp_path):
         # Bulyan leaves 2f = 2 of the 7 updates out every round: the attacker and one honest, or two honest.
         flagged = float(row["detection_tpr"]) + 6 * float(row["detection_fpr"])
         assert flagged == pytest.approx(2.0)
+
+
+# ----- FLAME (Nguyen et al., USENIX Security 2022) -----
+
+def test_flame_by_hand():
+    from fl_lightning.callbacks.flame import FLAME
+
+    # Three updates pointing one way, one the other way: HDBSCAN (min cluster size 3) keeps the three.
+    deltas = torch.tensor([[1.0, 0.0], [1.0, 0.1], [2.0, 0.1], [-1.0, 0.0]])
+    result = FLAME(noise_lambda=0.0).aggregate(deltas, torch.ones(4), torch.Generator().manual_seed(0))
+    assert result.flagged.tolist() == [False, False, False, True]
+    norms = deltas.double().norm(dim=1)  # 1, 1.005, 2.0025, 1
+    bound = (1.0 + float(norms[1])) / 2  # the median of four: the mean of the two middle norms
+    clipped = [deltas[i].double() * min(1.0, bound / float(norms[i])) for i in range(3)]
+    torch.testing.assert_close(result.update.double(), sum(clipped) / 3, rtol=1e-6, atol=1e-7)
+    assert float(result.noise.abs().sum()) == 0.0 and result.client_weights.tolist() == pytest.approx([1 / 3] * 3 + [0])
+
+
+def test_flame_noise_is_lambda_times_the_median_norm():
+    from fl_lightning.callbacks.flame import FLAME
+
+    deltas = torch.ones(5, 40_000) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])[:, None]  # norms 200 .. 1000
+    result = FLAME(noise_lambda=0.01).aggregate(deltas, torch.ones(5), torch.Generator().manual_seed(1))
+    assert float(result.noise.std()) == pytest.approx(0.01 * 600.0, rel=0.02)  # S_t = the median norm, 600
+    assert result.flagged.tolist() == [False] * 5  # one direction: one cluster
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flame_leaves_out_a_planted_backdoor_direction(seed):
+    from fl_lightning.callbacks.flame import FLAME
+
+    generator = torch.Generator().manual_seed(seed)
+    common = torch.randn(200, generator=generator)
+    deltas = common + 0.3 * torch.randn(10, 200, generator=generator)  # honest: one shared direction plus noise
+    attackers = [1, 6]
+    deltas[attackers] = torch.randn(200, generator=generator) * 3  # a sybil pair along another direction
+    result = FLAME().aggregate(deltas, torch.ones(10), generator)
+    # The pair is left out; the admitted cluster is a majority (HDBSCAN may leave out an honest straggler too).
+    assert result.flagged[attackers].all() and int((~result.flagged).sum()) >= 10 // 2 + 1
+
+
+def test_flame_through_the_cli_resumes_bitwise(tmp_path):
+    common = ["fit", "--task", "toy", "--fl.rounds", "4", "--fl.checkpoint_every", "1", "--aggregator", "FLAME",
+              "--log.logger", "csv", "--log.progress_bar", "false", "--num_threads", "1"]
+    run_cli(*common, "--name", "straight", cwd=tmp_path)
+    killer = ("--callbacks+=fl_test_callbacks.KillMidRound", "--callbacks.round_idx=3", "--callbacks.slot=1",
+              f"--callbacks.marker={tmp_path / 'killed'}")
+    assert run_cli(*common, *killer, "--name", "killed", cwd=tmp_path, check=False).returncode != 0
+    run_cli("fit", "--resume", str(tmp_path / "runs" / "killed"), cwd=tmp_path)
+    assert torch.equal(final_model(tmp_path / "runs" / "killed"), final_model(tmp_path / "runs" / "straight"))
+    assert "detection_fpr" in read_metrics(tmp_path / "runs" / "straight")[1]
