@@ -81,7 +81,7 @@ def largest_cluster(distances: Tensor) -> Tensor:
     if n < 3:  # no majority cluster to tell apart
         return torch.ones(n, dtype=torch.bool)
     labels = HDBSCAN(metric="precomputed", min_cluster_size=n // 2 + 1, min_samples=1,
-                     allow_single_cluster=True).fit_predict(distances.numpy())
+                     allow_single_cluster=True, copy=True).fit_predict(distances.numpy())
     clustered = labels[labels >= 0]
     if clustered.size == 0:
         return torch.ones(n, dtype=torch.bool)
