@@ -13,6 +13,7 @@ from fl_lightning.callbacks.edge_case import EdgeCaseAttack
 from fl_lightning.callbacks.flame import FLAME
 from fl_lightning.callbacks.krum import Krum, MultiKrum
 from fl_lightning.callbacks.rfa import GeometricMedian
+from fl_lightning.callbacks.robust_lr import RobustLR
 from fl_lightning.hooks import FLCallback
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Krum",
     "MultiKrum",
     "NormClipping",
+    "RobustLR",
     "TrimmedMean",
     "WeakDP",
 ]

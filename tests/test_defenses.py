@@ -690,3 +690,34 @@ def test_flame_through_the_cli_resumes_bitwise(tmp_path):
     run_cli("fit", "--resume", str(tmp_path / "runs" / "killed"), cwd=tmp_path)
     assert torch.equal(final_model(tmp_path / "runs" / "killed"), final_model(tmp_path / "runs" / "straight"))
     assert "detection_fpr" in read_metrics(tmp_path / "runs" / "straight")[1]
+
+
+# ----- RobustLR (Ozdayi et al., AAAI 2021) -----
+
+def test_robust_lr_by_hand():
+    from fl_lightning.callbacks.robust_lr import RobustLR
+
+    # Four updates, three coordinates. Signs per coordinate: (+ + + +) sum 4, (+ - + -) sum 0, (+ + + -) sum 2.
+    deltas = torch.tensor([[1.0, 1.0, 1.0], [2.0, -1.0, 1.0], [1.0, 2.0, 2.0], [4.0, -4.0, -8.0]])
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    result = RobustLR(threshold=3).aggregate(deltas, weights, torch.Generator())
+    mean = deltas.mean(dim=0)  # 2, -0.5, -1
+    # Only the first coordinate has agreement >= 3; the others move backwards.
+    torch.testing.assert_close(result.update, torch.tensor([mean[0], -mean[1], -mean[2]]))
+    weighted = RobustLR(threshold=2).aggregate(deltas, torch.tensor([3.0, 1.0, 0.0, 0.0]), torch.Generator())
+    # Weighted mean (3 * row0 + row1) / 4 = 1.25, 0.5, 1; coordinate 2 (sum 0) flips, 3 (sum 2) does not.
+    torch.testing.assert_close(weighted.update, torch.tensor([1.25, -0.5, 1.0]))
+    assert weighted.client_weights.tolist() == [0.75, 0.25, 0.0, 0.0]
+
+
+def test_robust_lr_pushes_back_a_lone_attacker_coordinate():
+    from fl_lightning.callbacks.robust_lr import RobustLR
+    from fl_lightning.config import ConfigError, FLArgs
+
+    honest = torch.zeros(9, 4)
+    honest[:, 0] = 1.0  # every honest update moves coordinate 0 only
+    attacker = torch.tensor([[0.0, 0.0, 0.0, 5.0]])  # the backdoor coordinate 3, pushed by one update
+    result = RobustLR(threshold=4).aggregate(torch.cat([honest, attacker]), torch.ones(10), torch.Generator())
+    assert float(result.update[0]) > 0 and float(result.update[3]) < 0  # the backdoor step is reversed
+    with pytest.raises(ConfigError, match="--aggregator.threshold=11"):
+        RobustLR(threshold=11).check_run(FLArgs(num_clients=20, clients_per_round=10))
