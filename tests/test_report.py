@@ -131,3 +131,18 @@ def test_report_cli_takes_several_directories(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 run(s) in 1 group(s)" in out  # only the seed differs: one averaged group
     assert (tmp_path / "out" / "accuracy.png").is_file() and (tmp_path / "out" / "report.md").is_file()
+
+
+def test_table_shows_detection_rates_when_the_runs_have_them(tmp_path):
+    run_dir = write_run(tmp_path / "krum", BACKDOOR[:4], MAIN[:4], config={"aggregator": "Krum"})
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    # Round 0 has no update; rounds 2 and 3 had no attacker (no TPR), every round flags one honest update of 10.
+    metrics["detection_tpr"] = [None, 1.0, None, 0.0, None]
+    metrics["detection_fpr"] = [None, 0.1, 0.1, 0.2, None]
+    metrics.to_csv(run_dir / "metrics.csv", index=False)
+    text, _ = write_report([run_dir], out=tmp_path / "out")
+    header, _, row = text.split("\n\n")[2].splitlines()[:3]
+    assert header.endswith("| detection TPR % | detection FPR % |")
+    assert row.endswith("| 50.0 | 13.3 |")  # the mean over the rounds that have each
+    plain, _ = write_report([write_run(tmp_path / "fedavg", BACKDOOR, MAIN)], out=tmp_path / "out2")
+    assert "detection" not in plain

@@ -28,6 +28,7 @@ from fl_lightning.config import check_int, flatten_config, raise_problems
 from fl_lightning.experiments.sweep import INDEX_JSONL, read_index, short_class_name, slug
 
 SMOOTH_WINDOW = 10
+DETECTION = ("detection_tpr", "detection_fpr")
 THRESHOLD = 0.5
 # Settings that say where or how a run ran, not what it measured: never a reason to tell runs apart.
 BOOKKEEPING = ("name", "out_dir", "data_dir", "resume", "init_from", "accelerator", "devices", "num_nodes",
@@ -79,6 +80,8 @@ def summarize(metrics: pd.DataFrame, window: int = SMOOTH_WINDOW) -> dict[str, A
         "mean_backdoor": float(backdoor[after_start].mean()) if after_start.any() else float(backdoor.mean()),
         "mean_main": float(metrics["main_acc"][after_start].mean()) if after_start.any() else float("nan"),
         "rounds_to_50": rounds_to(metrics, THRESHOLD, window),
+        # Detection (defenses that exclude updates): the mean over the rounds that have it (TPR: attacked rounds).
+        **{c: float(metrics[c].mean()) if c in metrics and metrics[c].notna().any() else None for c in DETECTION},
     }
 
 
@@ -157,6 +160,7 @@ class Group:
     @property
     def curve(self) -> pd.DataFrame:
         columns = ["round", "main_acc", "backdoor_acc"]
+        columns += [c for c in DETECTION if all(c in run.metrics for run in self.runs)]
         frames = [run.metrics[columns] for run in self.runs]
         return pd.concat(frames).groupby("round", as_index=False).mean()
 
@@ -179,14 +183,19 @@ def markdown_table(groups: list[Group], keys: list[str], window: int = SMOOTH_WI
     header = [*(short_key(k) for k in keys), "runs", "rounds", "final main %", "final backdoor %",
               f"backdoor %, last {window} rounds", "best backdoor %", "mean backdoor %",
               f"rounds to {100 * THRESHOLD:.0f}% backdoor (smoothed)"]
+    summaries = [summarize(group.curve, window) for group in groups]
+    detection = any(stats[c] is not None for stats in summaries for c in DETECTION)
+    if detection:
+        header += ["detection TPR %", "detection FPR %"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group in groups:
-        stats = summarize(group.curve, window)
+    for group, stats in zip(groups, summaries):
         cells = [*(pretty(group.params[k]).replace("|", "/") for k in keys), str(len(group.runs)),
                  str(stats["rounds"]), percent(stats["final_main"]), percent(stats["final_backdoor"]),
                  percent(stats["smoothed_backdoor"]), percent(stats["best_backdoor"]),
                  percent(stats["mean_backdoor"]),
                  "never" if stats["rounds_to_50"] is None else str(stats["rounds_to_50"])]
+        if detection:
+            cells += [percent(stats[c]) for c in DETECTION]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
