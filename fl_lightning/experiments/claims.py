@@ -52,7 +52,8 @@ never tuned to pass (a claim that fails under them is reported as FAIL with its 
 
 A claim passes when its test passes on every task it is checked on. Results go to `<out_dir>/claims.md`
 with one figure per claim and task (backdoor and main accuracy against rounds, one colour per
-setting, its control dashed) in `<out_dir>/figures/`; a second start reuses every finished run.
+setting, its control dashed, black-box marked o and PGD ^, attacked rounds shaded) in
+`<out_dir>/figures/`; a second start reuses every finished run.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ PGD_FACTOR = {"Krum": 0.2, "MultiKrum": 0.2}
 PGD_FACTOR_DEFAULT = 1.0
 MIN_LIFT = 10.0     # points: a lift below this is no backdoor getting through
 WEAK_FRACTION = 0.5  # black-box is "weak" under a defense that leaves it at most half its undefended lift
+MARKERS = {"blackbox": "o", "pgd": "^"}  # the figures' marks of the attacks (controls are dashed, unmarked)
 COMMON = ["log.logger=csv", "log.progress_bar=false", "fl.checkpoint_every=0"]
 
 
@@ -462,7 +464,7 @@ def write_figures(preset: Preset, results: Results, out: Path) -> list[Path]:
             for condition in settings:
                 color = controls.setdefault(condition.control, len(controls))
                 name = ", ".join(str(getattr(condition, k)) for k in varying)
-                lines.append(Line(name, mean_curve(results, condition), color))
+                lines.append(Line(name, mean_curve(results, condition), color, marker=MARKERS[condition.attack]))
             for control, color in controls.items():
                 name = ", ".join(str(getattr(control, k)) for k in varying if k not in ("attack", "every"))
                 lines.append(Line(f"{name or 'no'} control".strip(", "), mean_curve(results, control), color,

@@ -208,6 +208,7 @@ class Line:
     curve: pd.DataFrame
     color: int
     dashed: bool = False
+    marker: str | None = None  # tells apart lines of one colour (e.g. two attacks against one defense)
 
 
 def plot_groups(groups: list[Group], line_keys: list[str], path: Path, title: str,
@@ -243,7 +244,8 @@ def plot_curves(lines: list[Line], path: Path, title: str, window: int = SMOOTH_
     FigureCanvasAgg(figure)
     main_ax, backdoor_ax = figure.subplots(1, 2, sharex=True)
     for line in lines:
-        style = {"color": f"C{line.color % 10}", "linestyle": "--" if line.dashed else "-", "linewidth": 1.6}
+        style = {"color": f"C{line.color % 10}", "linestyle": "--" if line.dashed else "-", "linewidth": 1.6,
+                 "marker": line.marker, "markersize": 5}
         main_ax.plot(line.curve["round"], 100 * line.curve["main_acc"], label=line.label, **style)
         backdoor_ax.plot(line.curve["round"], 100 * smooth(line.curve["backdoor_acc"], window), label=line.label,
                          **style)
