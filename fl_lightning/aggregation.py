@@ -38,8 +38,9 @@ class Aggregate:
         noise: Added to the new global model after the server step, not scaled by the server step
             size (weak DP's Gaussian noise), `[n_params]`; `None` for none.
         flagged: The updates the rule excluded or marked as suspicious, bool `[n_clients]`; `None`:
-            those with zero `client_weights` (none when the rule has no weights). The detection
-            metrics (`detection_tpr`, `detection_fpr`) compare it with the attackers' slots.
+            those with zero `client_weights`, if any (a rule that gives every update some weight,
+            such as FedAvg or RFA, excludes none and reports no detection). The detection metrics
+            (`detection_tpr`, `detection_fpr`) compare it with the attackers' slots.
     """
 
     update: Tensor
@@ -48,10 +49,12 @@ class Aggregate:
     flagged: Tensor | None = None
 
     def flagged_mask(self) -> Tensor | None:
-        """`flagged`, else the zero-weight updates, else None (the rule tells no update apart)."""
+        """`flagged`, else the zero-weight updates when there are any, else None (the rule excluded none)."""
         if self.flagged is not None:
             return self.flagged.cpu()
-        return None if self.client_weights is None else self.client_weights.cpu() == 0
+        if self.client_weights is None or not bool((self.client_weights == 0).any()):
+            return None
+        return self.client_weights.cpu() == 0
 
     def apply_(self, global_params: Tensor, server_lr: float) -> None:
         """`global_params += server_lr * update`, then `+= noise`, in place."""
