@@ -103,4 +103,5 @@ def test_detection_rates_and_norm_quantile_by_hand():
     marked = Aggregate(update=deltas[0], client_weights=None, flagged=adv.clone())
     assert round_metrics(updates, marked, 0)["detection_fpr"] == 0.0
     assert "detection_tpr" not in round_metrics(updates, Aggregate(update=deltas[0], client_weights=None), 0)
-    assert "detection_tpr" not in round_metrics(updates, Aggregate(update=deltas[0], client_weights=torch.ones(5) / 5), 0)
+    fedavg_like = Aggregate(update=deltas[0], client_weights=torch.ones(5) / 5)  # excludes none: no detection
+    assert "detection_tpr" not in round_metrics(updates, fedavg_like, 0)
