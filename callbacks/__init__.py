@@ -11,6 +11,7 @@ from fl_lightning.callbacks.clipping import NormClipping, WeakDP
 from fl_lightning.callbacks.coordinatewise import CoordinateMedian, TrimmedMean
 from fl_lightning.callbacks.edge_case import EdgeCaseAttack
 from fl_lightning.callbacks.flame import FLAME
+from fl_lightning.callbacks.foolsgold import FoolsGold
 from fl_lightning.callbacks.krum import Krum, MultiKrum
 from fl_lightning.callbacks.rfa import GeometricMedian
 from fl_lightning.callbacks.robust_lr import RobustLR
@@ -24,6 +25,7 @@ __all__ = [
     "FedAvg",
     "FLAME",
     "FLCallback",
+    "FoolsGold",
     "GeometricMedian",
     "Krum",
     "MultiKrum",

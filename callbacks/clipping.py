@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg
+from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg, RoundContext
 from fl_lightning.config import ComponentError, FLArgs, check_argument, check_finite
 from fl_lightning.kernels import row_norms, weighted_sum
 
@@ -71,6 +71,15 @@ class NormClipping(Aggregator):
 
     def check_run(self, fl: FLArgs) -> None:
         self.inner.check_run(fl)
+
+    def begin_round(self, context: RoundContext) -> None:
+        self.inner.begin_round(context)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.inner.load_state_dict(state)
 
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
         if type(self.inner) is FedAvg:

@@ -63,6 +63,21 @@ class Aggregate:
             global_params.add_(self.noise)
 
 
+@dataclass(frozen=True)
+class RoundContext:
+    """What a rule may know of the round beyond the updates; the simple rules never look.
+
+    Attributes:
+        round_idx: The round.
+        client_ids: The clients behind the rows of `deltas`, `[n]` int64 on the CPU.
+        global_params: The round's global model, `[n_params]` (read-only).
+    """
+
+    round_idx: int
+    client_ids: Tensor
+    global_params: Tensor
+
+
 class Aggregator(ABC):
     """Turns the round's client updates into one global update.
 
@@ -70,7 +85,25 @@ class Aggregator(ABC):
     handed): every rank calls them on identical `RoundUpdates`, and a resumed run calls them again.
     Store each constructor argument under an attribute of the same name: that is how the resolved
     configuration of a run is written back (`fl_lightning.config.component_config`).
+
+    Rules that need more override the optional parts, which default to nothing: `begin_round` receives
+    the round's `RoundContext` before `aggregate` (client ids, global model), and `state_dict` /
+    `load_state_dict` carry state across rounds (tensors, saved in the checkpoint, so a resumed run
+    continues bitwise). State must change only inside `aggregate`, identically on every rank.
     """
+
+    def begin_round(self, context: RoundContext) -> None:
+        """Called with the round's context just before `aggregate` (the default ignores it)."""
+        return  # most rules need nothing beyond the updates
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """State kept across rounds, as named tensors (the default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restores `state_dict` (from a checkpoint)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
 
     @abstractmethod
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:

@@ -27,9 +27,16 @@ import yaml
 from lightning.fabric import Fabric
 from torch import Tensor
 
-from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg
+from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg, RoundContext
 from fl_lightning.batched import BatchedTrainer, check_vmap_support
-from fl_lightning.checkpoint import CHECKPOINT_NAME, MODEL_NAME, RunState, find_checkpoint, load_checkpoint
+from fl_lightning.checkpoint import (
+    CHECKPOINT_NAME,
+    MODEL_NAME,
+    RunState,
+    find_checkpoint,
+    load_aggregator_state,
+    load_checkpoint,
+)
 from fl_lightning.client import client_lr, lr_scale, train_client
 from fl_lightning.config import (
     ClientArgs,
@@ -284,6 +291,7 @@ def start_state(fabric: Fabric, task: Task, run_dir: Path, plan: FitPlan) -> Run
         if plan.resume:
             state.round_idx, state.wandb_id = saved["round_idx"], saved.get("wandb_id")
             state.callback_states = tuple(saved.get("callbacks", ()))
+            plan.aggregator.load_state_dict(load_aggregator_state(find_checkpoint(run_dir / CHECKPOINT_NAME)))
     broadcast_tensor_(fabric, state.global_params)
     return state
 
@@ -311,7 +319,7 @@ def run_rounds(run: Run, state: RunState) -> list[dict[str, float]]:
         # 4. Aggregate: non-finite updates are rejected, never averaged in.
         updates, rejected, norms = reject_non_finite(updates)
         fabric.call("on_before_aggregate", updates=updates, round_idx=round_idx)
-        aggregate = run.aggregate(updates, round_idx)
+        aggregate = run.aggregate(updates, round_idx, state.global_params)
         fabric.call("on_after_aggregate", aggregate=aggregate, round_idx=round_idx)
         # 5. Apply, then make rank 0's result everyone's.
         aggregate.apply_(state.global_params, fl.server_lr)
@@ -386,12 +394,13 @@ class Run:
             momentum=client.momentum, weight_decay=client.weight_decay, grad_clip_norm=client.grad_clip_norm,
             seed=seed, generator=torch.Generator().manual_seed(seed), step_hooks=self.step_hooks, delta_out=delta_out)
 
-    def aggregate(self, updates: RoundUpdates, round_idx: int) -> Aggregate:
+    def aggregate(self, updates: RoundUpdates, round_idx: int, global_params: Tensor) -> Aggregate:
         """The aggregator's result; a zero step when every update was rejected."""
         if updates.deltas.shape[0] == 0:
             return Aggregate(update=torch.zeros(updates.deltas.shape[1], device=updates.deltas.device),
                              client_weights=None)
         generator = torch.Generator().manual_seed(server_seed(self.seed, round_idx))
+        self.aggregator.begin_round(RoundContext(round_idx, updates.client_ids.cpu(), global_params))
         return self.aggregator(updates.deltas, updates.num_examples, generator)
 
     def log_round(self, round_idx: int, metrics: dict[str, float], rejected: list[int] = ()) -> dict[str, float]:
@@ -405,6 +414,7 @@ class Run:
         if self.fabric.is_global_zero and self.run_dir is not None:
             state.wandb_id = self.logger.wandb_id if self.logger is not None else state.wandb_id
             state.callback_states = tuple(c.state_dict() for c in self.callbacks)
+            state.aggregator_state = self.aggregator.state_dict()
             state.save(self.run_dir / file_name, self.task.name)
             if file_name == MODEL_NAME:
                 print(f"final model: {self.run_dir / MODEL_NAME}", file=sys.stderr)

@@ -721,3 +721,82 @@ def test_robust_lr_pushes_back_a_lone_attacker_coordinate():
     assert float(result.update[0]) > 0 and float(result.update[3]) < 0  # the backdoor step is reversed
     with pytest.raises(ConfigError, match="--aggregator.threshold=11"):
         RobustLR(threshold=11).check_run(FLArgs(num_clients=20, clients_per_round=10))
+
+
+# ----- FoolsGold (Fung et al., RAID 2020) -----
+
+def foolsgold_by_loops(histories: list[list[float]], kappa: float = 1.0) -> list[float]:
+    """Algorithm 1 of the paper, element by element, as an independent check of the vectorised code."""
+    n = len(histories)
+    norm = [math.sqrt(sum(x * x for x in h)) for h in histories]
+    cs = [[sum(a * b for a, b in zip(histories[i], histories[j])) / (norm[i] * norm[j]) if i != j else 0.0
+           for j in range(n)] for i in range(n)]
+    v = [max(cs[i][j] for j in range(n) if j != i) for i in range(n)]
+    for i in range(n):
+        for j in range(n):
+            if i != j and v[i] < v[j]:
+                cs[i][j] *= v[i] / v[j]
+    alpha = [min(max(1 - max(cs[i][j] for j in range(n) if j != i), 0.0), 1.0) for i in range(n)]
+    top = max(alpha)
+    alpha = [a / top for a in alpha]
+    alpha = [0.99 if a == 1 else a for a in alpha]
+    out = []
+    for a in alpha:
+        logit = kappa * (math.log(a / (1 - a)) + 0.5) if a > 0 else 0.0
+        out.append(min(max(logit, 0.0), 1.0))
+    return out
+
+
+@pytest.mark.parametrize("histories", [
+    [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]],                                   # a sybil pair and one honest client
+    [[1.0, 0.2, 0.0], [0.9, 0.3, 0.1], [0.0, 1.0, 0.3], [0.2, 0.1, 1.0]],   # pardoning changes the weights
+    [[3.0, 1.0], [1.0, 3.0], [2.0, 2.5], [-1.0, 2.0], [0.5, -1.0]],
+])
+def test_foolsgold_weights_by_hand(histories):
+    from fl_lightning.callbacks.foolsgold import foolsgold_weights
+
+    expected = foolsgold_by_loops(histories)
+    assert foolsgold_weights(torch.tensor(histories, dtype=torch.float64)).tolist() == pytest.approx(expected)
+    if len(histories) == 3:
+        assert expected == [0.0, 0.0, 1.0]  # the identical pair gets nothing, the honest client everything
+
+
+def test_foolsgold_sketch_is_linear_and_keeps_inner_products():
+    from fl_lightning.callbacks.foolsgold import FoolsGold
+
+    rule = FoolsGold(sketch_size=4096)
+    a, b = torch.randn(2, 200_000, generator=torch.Generator().manual_seed(0))
+    sketches = rule.sketch(torch.stack([a, b, a + b]))
+    torch.testing.assert_close(sketches[2], sketches[0] + sketches[1], atol=1e-5, rtol=1e-5)  # a + b rounds in float32
+    cosine = float(torch.nn.functional.cosine_similarity(sketches[0], sketches[0] + 0.5 * sketches[1], dim=0))
+    assert cosine == pytest.approx(float(torch.nn.functional.cosine_similarity(a, a + 0.5 * b, dim=0)), abs=0.03)
+
+
+def test_foolsgold_zeroes_a_sybil_pair_over_rounds_and_restores_its_state():
+    from fl_lightning.aggregation import RoundContext
+    from fl_lightning.callbacks.foolsgold import FoolsGold
+
+    generator = torch.Generator().manual_seed(3)
+    rule, direction = FoolsGold(), torch.randn(500, generator=generator)
+    for round_idx, ids in enumerate(([0, 1, 7, 9], [3, 7, 9, 5], [7, 2, 9, 4]), start=1):
+        deltas = torch.randn(4, 500, generator=generator)
+        sybils = [ids.index(7), ids.index(9)]  # clients 7 and 9 push one direction every round
+        deltas[sybils] = direction + 0.01 * torch.randn(2, 500, generator=generator)
+        rule.begin_round(RoundContext(round_idx, torch.tensor(ids), torch.zeros(500)))
+        result = rule.aggregate(deltas, torch.ones(4), generator)
+        assert result.client_weights[sybils].tolist() == [0.0, 0.0] and result.flagged[sybils].all()
+    assert rule.client_ids.tolist() == [0, 1, 2, 3, 4, 5, 7, 9]
+    restored = FoolsGold()
+    restored.load_state_dict(rule.state_dict())
+    assert torch.equal(restored.histories, rule.histories) and torch.equal(restored.client_ids, rule.client_ids)
+
+
+def test_foolsgold_through_the_cli_resumes_bitwise(tmp_path):
+    common = ["fit", "--task", "toy", "--fl.rounds", "4", "--fl.checkpoint_every", "1", "--aggregator", "FoolsGold",
+              "--log.logger", "csv", "--log.progress_bar", "false", "--num_threads", "1"]
+    run_cli(*common, "--name", "straight", cwd=tmp_path)
+    killer = ("--callbacks+=fl_test_callbacks.KillMidRound", "--callbacks.round_idx=3", "--callbacks.slot=1",
+              f"--callbacks.marker={tmp_path / 'killed'}")
+    assert run_cli(*common, *killer, "--name", "killed", cwd=tmp_path, check=False).returncode != 0
+    run_cli("fit", "--resume", str(tmp_path / "runs" / "killed"), cwd=tmp_path)
+    assert torch.equal(final_model(tmp_path / "runs" / "killed"), final_model(tmp_path / "runs" / "straight"))
