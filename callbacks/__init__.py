@@ -13,6 +13,7 @@ from fl_lightning.callbacks.edge_case import EdgeCaseAttack
 from fl_lightning.callbacks.flame import FLAME
 from fl_lightning.callbacks.foolsgold import FoolsGold
 from fl_lightning.callbacks.krum import Krum, MultiKrum
+from fl_lightning.callbacks.local_dp import LocalDP
 from fl_lightning.callbacks.rfa import GeometricMedian
 from fl_lightning.callbacks.robust_lr import RobustLR
 from fl_lightning.hooks import FLCallback
@@ -28,6 +29,7 @@ __all__ = [
     "FoolsGold",
     "GeometricMedian",
     "Krum",
+    "LocalDP",
     "MultiKrum",
     "NormClipping",
     "RobustLR",

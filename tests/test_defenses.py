@@ -800,3 +800,39 @@ def test_foolsgold_through_the_cli_resumes_bitwise(tmp_path):
     assert run_cli(*common, *killer, "--name", "killed", cwd=tmp_path, check=False).returncode != 0
     run_cli("fit", "--resume", str(tmp_path / "runs" / "killed"), cwd=tmp_path)
     assert torch.equal(final_model(tmp_path / "runs" / "killed"), final_model(tmp_path / "runs" / "straight"))
+
+
+# ----- LocalDP (Naseri et al., NDSS 2022) -----
+
+def test_local_dp_clips_and_noises_honest_updates_only():
+    from fl_lightning.callbacks.local_dp import LocalDP
+    from fl_lightning.sampling import derive_seed
+    from fl_lightning.types import ClientUpdate
+
+    class Ctx:
+        def __init__(self, adversary: bool) -> None:
+            self.is_adversary, self.seed = adversary, 1234
+
+    def update(delta):
+        return ClientUpdate(slot=0, client_id=0, delta=delta, num_examples=1, loss=0.0, is_adversary=False)
+
+    honest = update(torch.tensor([3.0, 4.0]))  # norm 5: clipped to 1.5, then noised
+    LocalDP(norm_bound=1.5, stddev=0.1).on_client_end(Ctx(False), honest)
+    noise = torch.randn(2, generator=torch.Generator().manual_seed(derive_seed(0x1D9, 1234)))
+    torch.testing.assert_close(honest.delta, torch.tensor([0.9, 1.2]) + 0.1 * noise)
+    attacker = update(torch.tensor([30.0, 40.0]))
+    LocalDP().on_client_end(Ctx(True), attacker)
+    assert attacker.delta.tolist() == [30.0, 40.0]
+    small = update(torch.tensor([0.3, 0.4]))
+    LocalDP(norm_bound=1.5, stddev=0.0).on_client_end(Ctx(False), small)
+    assert small.delta.tolist() == pytest.approx([0.3, 0.4])  # inside the bound: untouched
+
+
+def test_local_dp_through_the_cli_is_the_same_on_two_processes(tmp_path):
+    common = ["fit", "--task", "toy", "--fl.rounds", "2", "--fl.clients_per_round", "6", "--callbacks+=LocalDP",
+              "--callbacks.stddev", "0.01", "--log.logger", "csv", "--log.progress_bar", "false", "--num_threads", "1",
+              "--accelerator", "cpu"]
+    run_cli(*common, "--devices", "1", "--name", "one", cwd=tmp_path)
+    run_cli(*common, "--devices", "2", "--name", "two", cwd=tmp_path)
+    assert torch.equal(final_model(tmp_path / "runs" / "one"), final_model(tmp_path / "runs" / "two"))
+    assert float(read_metrics(tmp_path / "runs" / "one")[1]["update_norm_benign"]) > 0
