@@ -29,7 +29,7 @@ from torch import Tensor
 from fl_lightning.aggregation import Aggregate, Aggregator
 from fl_lightning.callbacks.krum import krum_scores
 from fl_lightning.config import ConfigError, FLArgs, check_argument, check_int
-from fl_lightning.kernels import by_column_chunks, pairwise_sq_distances
+from fl_lightning.kernels import by_column_chunks, pairwise_sq_distances, sort_columns
 
 
 class Bulyan(Aggregator):
@@ -58,7 +58,7 @@ class Bulyan(Aggregator):
         selected = bulyan_selection(pairwise_sq_distances(deltas), f)  # [θ]
         flagged = torch.ones(n, dtype=torch.bool)
         flagged[selected] = False
-        update = trimmed_mean_around_median(deltas[selected.to(deltas.device)], keep=len(selected) - 2 * f)
+        update = trimmed_mean_around_median(deltas, keep=len(selected) - 2 * f, rows=selected.to(deltas.device))
         return Aggregate(update=update, client_weights=None, flagged=flagged)
 
 
@@ -87,16 +87,32 @@ def bulyan_selection(sq_dists: Tensor, num_adversaries: int) -> Tensor:
     return torch.tensor(selected, dtype=torch.int64)
 
 
-def trimmed_mean_around_median(rows: Tensor, keep: int) -> Tensor:
-    """Per coordinate, the mean of the `keep` values closest to the median of `rows [θ, n_params]`, `[n_params]`."""
-    theta = rows.shape[0]
+def trimmed_mean_around_median(deltas: Tensor, keep: int, rows: Tensor | None = None) -> Tensor:
+    """Per coordinate, the mean of the `keep` values closest to the median of `deltas[rows]` (`[θ, n_params]`;
+    `rows` None: all of them), `[n_params]`. The rows are picked chunk by chunk, never copied whole.
 
-    def reduce(block: Tensor) -> Tensor:  # [θ, cols] -> [cols]
-        ordered = block.sort(dim=0).values  # [θ, cols]
+    The `keep` values nearest the median of a sorted column are consecutive: the window of `keep`
+    ranks, out of the `θ - keep + 1` possible, whose farther end is nearest the median (ties: the
+    lower window). Its sum is the column's total less the ranks below and above the window.
+    """
+    theta = deltas.shape[0] if rows is None else rows.shape[0]
+    dropped = theta - keep  # ranks left out of the window, below and above it together
+
+    def reduce(block: Tensor) -> Tensor:  # [n, cols] -> [cols]
+        ordered = sort_columns(block if rows is None else block[rows]).contiguous()  # [θ, cols]
         median = (ordered[(theta - 1) // 2] + ordered[theta // 2]) / 2  # [cols]
-        # A stable sort of the distances: of two values equally far from the median, the lower one is kept.
-        distance = (ordered - median).abs()  # [θ, cols]
-        nearest = distance.sort(dim=0, stable=True).indices[:keep]  # [keep, cols]
-        return ordered.gather(0, nearest).mean(dim=0)
+        below = torch.cumsum(ordered[:dropped], dim=0)  # [dropped, cols]: sums of the lowest 1..dropped ranks
+        above = torch.cumsum(ordered.flip(0)[:dropped], dim=0)  # the same from the top
+        total = ordered.sum(dim=0)
+        best_reach, best_sum = None, None
+        for start in range(dropped + 1):  # the window [start, start + keep)
+            reach = torch.maximum(median - ordered[start], ordered[start + keep - 1] - median)
+            window = total - (below[start - 1] if start else 0) - (above[dropped - start - 1] if start < dropped else 0)
+            if best_reach is None:
+                best_reach, best_sum = reach, window
+            else:
+                closer = reach < best_reach  # strictly: a tie keeps the lower window
+                best_reach, best_sum = torch.where(closer, reach, best_reach), torch.where(closer, window, best_sum)
+        return best_sum / keep
 
-    return by_column_chunks(rows, reduce)
+    return by_column_chunks(deltas, reduce)

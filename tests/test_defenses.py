@@ -836,3 +836,17 @@ def test_local_dp_through_the_cli_is_the_same_on_two_processes(tmp_path):
     run_cli(*common, "--devices", "2", "--name", "two", cwd=tmp_path)
     assert torch.equal(final_model(tmp_path / "runs" / "one"), final_model(tmp_path / "runs" / "two"))
     assert float(read_metrics(tmp_path / "runs" / "one")[1]["update_norm_benign"]) > 0
+
+
+@pytest.mark.parametrize("theta, keep", [(5, 3), (8, 4), (9, 9), (6, 4), (11, 7)])  # theta - keep = 2f, even
+def test_bulyan_window_equals_the_nearest_values_column_by_column(theta, keep):
+    from fl_lightning.callbacks.bulyan import trimmed_mean_around_median
+
+    rows = torch.randn(theta, 300, generator=torch.Generator().manual_seed(theta * 10 + keep))
+    expected = []
+    for column in rows.T.tolist():
+        ordered = sorted(column)
+        median = (ordered[(theta - 1) // 2] + ordered[theta // 2]) / 2
+        nearest = sorted(ordered, key=lambda v: (abs(v - median), v))[:keep]  # ties: the lower value
+        expected.append(sum(nearest) / keep)
+    torch.testing.assert_close(trimmed_mean_around_median(rows, keep), torch.tensor(expected), rtol=1e-5, atol=1e-6)
