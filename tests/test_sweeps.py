@@ -298,7 +298,7 @@ def test_a_run_in_a_reused_worker_equals_one_in_a_fresh_process(tmp_path):
     import torch
     from cli_helpers import final_model, run_cli
 
-    from fl_lightning.experiments.worker import Worker
+    from fl_lightning.experiments.sweep import Worker
 
     common = ["fit", "--task", "toy", "--fl.rounds", "2", "--log.logger", "csv", "--log.progress_bar", "false",
               "--num_threads", "1", "--callbacks+=EdgeCaseAttack", "--callbacks.attack_every", "1",

@@ -48,7 +48,6 @@ from fl_lightning.checkpoint import CHECKPOINT_NAME, MODEL_NAME
 from fl_lightning.cli import check_fit_args
 from fl_lightning.config import ConfigError, check_int, raise_problems
 from fl_lightning.data import DataError
-from fl_lightning.experiments.worker import Worker
 
 INDEX_JSONL, INDEX_CSV = "index.jsonl", "index.csv"
 # `wandb agent`'s command when the file has none (wandb_agent.py, DEFAULT_SWEEP_COMMAND).
@@ -410,6 +409,44 @@ def read_index(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a sweep directory's `index.jsonl`."""
     with open(Path(sweep_dir) / INDEX_JSONL) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+class Worker:
+    """The parent's handle on one worker process (`python -m fl_lightning.experiments.worker`), started on first use
+    and again after it died."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+
+    @staticmethod
+    def takes(args: list[str]) -> bool:
+        """Whether a worker can run these `fit` arguments (one process, so not `--devices`/`--num_nodes` > 1)."""
+        for i, arg in enumerate(args):
+            key, sep, value = arg.partition("=")
+            if key in ("--devices", "--num_nodes"):
+                value = value if sep else (args[i + 1] if i + 1 < len(args) else "1")
+                if value.strip() != "1":
+                    return False
+        return True
+
+    def run(self, args: list[str], log: Path) -> int:
+        """Runs `python -m fl_lightning ARGS` in the worker; its exit status (a dead worker's, if it died)."""
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen([sys.executable, "-m", "fl_lightning.experiments.worker"],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"args": args, "log": str(log)}) + "\n")
+        self.process.stdin.flush()
+        reply = self.process.stdout.readline()
+        if not reply:  # it died mid-run (killed, out of memory, a crash)
+            return self.process.wait() or 1
+        return int(json.loads(reply)["returncode"])
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.wait()
 
 
 def execute(run: PlannedRun, num_threads: int | None = None, worker: Worker | None = None) -> dict[str, Any]:

@@ -8,54 +8,16 @@ and stderr appended to the log file, and answers `{"returncode": N}` on one line
 A run in a worker gives the bitwise-same model as in a fresh process: every random draw of a run
 comes from its own seeded generators, threads are set per run, and the worker holds no other state
 between runs (tested in `tests/test_sweeps.py`). Runs that start several processes (`--devices N`)
-launch them from the command line of the process, so they keep a process of their own (`Worker.takes`).
+launch them from the command line of the process, so they keep a process of their own. The parent's
+side, which starts a worker and hands it runs, is `fl_lightning.experiments.sweep.Worker`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import traceback
-from pathlib import Path
-
-
-class Worker:
-    """The parent's handle on one worker process, started on first use and again after it died."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-
-    @staticmethod
-    def takes(args: list[str]) -> bool:
-        """Whether a worker can run these `fit` arguments (one process, so not `--devices`/`--num_nodes` > 1)."""
-        for i, arg in enumerate(args):
-            key, sep, value = arg.partition("=")
-            if key in ("--devices", "--num_nodes"):
-                value = value if sep else (args[i + 1] if i + 1 < len(args) else "1")
-                if value.strip() != "1":
-                    return False
-        return True
-
-    def run(self, args: list[str], log: Path) -> int:
-        """Runs `python -m fl_lightning ARGS` in the worker; its exit status (a dead worker's, if it died)."""
-        if self.process is None or self.process.poll() is not None:
-            self.process = subprocess.Popen([sys.executable, "-m", "fl_lightning.experiments.worker"],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps({"args": args, "log": str(log)}) + "\n")
-        self.process.stdin.flush()
-        reply = self.process.stdout.readline()
-        if not reply:  # it died mid-run (killed, out of memory, a crash)
-            return self.process.wait() or 1
-        return int(json.loads(reply)["returncode"])
-
-    def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            self.process.wait()
 
 
 def serve() -> None:
