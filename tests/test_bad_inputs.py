@@ -121,6 +121,12 @@ FIT_CASES = [
     ([*ATTACK, "--callbacks.prox_coefficient", "-1"], "--callbacks.prox_coefficient"),
     ([*ATTACK, "--callbacks.mode", "whitebox"], "--callbacks.mode"),
     ([*TOY, "--aggregator", "Bulyan", "--fl.clients_per_round", "6"], "--aggregator.num_adversaries"),
+    ([*TOY, "--fl.eval_subset", "-1"], "--fl.eval_subset"),
+    ([*ATTACK, "--callbacks.mode", "pgd", "--callbacks.honest_norm_factor", "-1"], "--callbacks.honest_norm_factor"),
+    ([*TOY, "--aggregator", "FLAME", "--aggregator.noise_lambda", "-1"], "--aggregator.noise_lambda"),
+    ([*TOY, "--aggregator", "FoolsGold", "--aggregator.sketch_size", "1"], "--aggregator.sketch_size"),
+    ([*TOY, "--aggregator", "RobustLR", "--aggregator.threshold", "50"], "--aggregator.threshold"),
+    ([*TOY, "--callbacks+=LocalDP", "--callbacks.norm_bound", "0"], "--callbacks.norm_bound"),
     ([*ATTACK, "--callbacks.honest_norm_factor", "0.5"], "--callbacks.honest_norm_factor"),
     ([*ATTACK, "--callbacks.mode", "pgd", "--callbacks.honest_norm_factor", "0"], "--callbacks.honest_norm_factor"),
     ([*ATTACK, "--callbacks.schedule", "sometimes"], "--callbacks.schedule"),
@@ -149,6 +155,7 @@ OTHER_CASES = [
     (["report", "{empty}"], "{empty}"),
     (["report", "{run}", "--window", "0"], "--window"),
     (["claims", "--jobs", "0"], "--jobs"),
+    (["claims", "--preset", "huge"], "--preset"),
     (["nope"], "nope"),
 ]
 
