@@ -69,7 +69,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from fl_lightning.config import check_int, raise_problems
-from fl_lightning.experiments.report import Line, attacked_rounds, plot_curves, read_metrics
+from fl_lightning.experiments.report import Line, attacked_rounds, mean_by_round, plot_curves, read_metrics
 from fl_lightning.experiments.sweep import PlannedRun, check_runs, execute_all, format_args, parse_overrides
 
 CASES = {"edge": "100 %", "almost_edge": "50 %", "normal": "10 %"}
@@ -403,25 +403,23 @@ def check_frequency(results: Results, conditions: list[Condition]) -> tuple[bool
     return ok, lines
 
 
-def check_capacity(results: Results, conditions: list[Condition], order: dict[str, tuple[str, ...]]
-                   ) -> tuple[bool, list[str]]:
+def check_capacity(results: Results, conditions: list[Condition]) -> tuple[bool, list[str]]:
     ok, lines = True, []
     for task in tasks_of(conditions):
-        by_model = {c.model: c for c in one_per_seed(conditions, task)}
-        small, large = by_model[order[task][0]], by_model[order[task][-1]]
+        by_model = {c.model: c for c in one_per_seed(conditions, task)}  # smallest first, as the preset lists them
         lift = {m: results.lift(c) for m, c in by_model.items()}
         main = {m: results.main(c.control) for m, c in by_model.items()}
-        task_ok = (lift[small.model].mean < lift[large.model].mean
-                   and main[small.model].mean < main[large.model].mean)
+        small, large = list(by_model)[0], list(by_model)[-1]
+        task_ok = lift[small].mean < lift[large].mean and main[small].mean < main[large].mean
         ok &= task_ok
-        lines.append(f"  {task}: " + "   ".join(f"{m} lift {lift[m]} main {main[m]}" for m in order[task])
+        lines.append(f"  {task}: " + "   ".join(f"{m} lift {lift[m]} main {main[m]}" for m in by_model)
                      + f"   -> {verdict(task_ok)}")
     lines.append("  (lift in points, mean over rounds 1..R; main: the control's main-task accuracy at round R, %; "
                  "needs the smallest model below the largest in both)")
     return ok, lines
 
 
-CLAIMS: dict[int, tuple[str, Callable[..., tuple[bool, list[str]]]]] = {
+CLAIMS: dict[int, tuple[str, Callable[[Results, list[Condition]], tuple[bool, list[str]]]]] = {
     1: ("Pure edge-case attacks are stronger than not-so-edge ones (100 % > 50 % > 10 %)", check_edge_cases),
     2: ("PGD gets through every defense; black-box data poisoning is weak against Krum and Multi-Krum",
         check_defenses),
@@ -433,10 +431,9 @@ CLAIMS: dict[int, tuple[str, Callable[..., tuple[bool, list[str]]]]] = {
 def check(preset: Preset, results: Results) -> tuple[dict[int, bool], list[str]]:
     """Every claim's verdict and its printed lines."""
     verdicts, lines = {}, []
-    order = {s.task: s.models for s in preset.tasks}
     for claim, conditions in attack_conditions(preset).items():
         title, test = CLAIMS[claim]
-        ok, details = test(results, conditions, order) if claim == 4 else test(results, conditions)
+        ok, details = test(results, conditions)
         verdicts[claim] = ok
         lines += [f"{claim}. {title} ({', '.join(tasks_of(conditions))}): {verdict(ok)}", *details, ""]
     return verdicts, lines
@@ -448,8 +445,8 @@ def load_results(plan: Plan) -> Results:
 
 def mean_curve(results: Results, condition: Condition) -> pd.DataFrame:
     """A setting's metrics averaged over seeds, by round."""
-    frames = [results.curves[replace(condition, seed=s)][["round", "main_acc", "backdoor_acc"]] for s in results.seeds]
-    return pd.concat(frames).groupby("round", as_index=False).mean()
+    return mean_by_round([results.curves[replace(condition, seed=s)][["round", "main_acc", "backdoor_acc"]]
+                          for s in results.seeds])
 
 
 def write_figures(preset: Preset, results: Results, out: Path) -> list[Path]:

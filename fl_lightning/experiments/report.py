@@ -161,8 +161,12 @@ class Group:
     def curve(self) -> pd.DataFrame:
         columns = ["round", "main_acc", "backdoor_acc"]
         columns += [c for c in DETECTION if all(c in run.metrics for run in self.runs)]
-        frames = [run.metrics[columns] for run in self.runs]
-        return pd.concat(frames).groupby("round", as_index=False).mean()
+        return mean_by_round([run.metrics[columns] for run in self.runs])
+
+
+def mean_by_round(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Several runs' metrics (the same columns) averaged round by round: the curve of a group or a setting."""
+    return pd.concat(frames).groupby("round", as_index=False).mean()
 
 
 def group_runs(runs: list[RunResult], keys: list[str]) -> list[Group]:
