@@ -24,6 +24,7 @@ from fl_lightning.kernels import weighted_sum
 
 if TYPE_CHECKING:
     from fl_lightning.config import FLArgs
+    from fl_lightning.server import ServerModel
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,14 @@ class RoundContext:
         round_idx: The round.
         client_ids: The clients behind the rows of `deltas`, `[n]` int64 on the CPU.
         global_params: The round's global model, `[n_params]` (read-only).
+        server: The task's model and the server's own examples, for rules that train or evaluate
+            (FLTrust, DeepSight); None where no task is at hand (unit tests of the simple rules).
     """
 
     round_idx: int
     client_ids: Tensor
     global_params: Tensor
+    server: ServerModel | None = None
 
 
 class Aggregator(ABC):
@@ -89,8 +93,12 @@ class Aggregator(ABC):
     Rules that need more override the optional parts, which default to nothing: `begin_round` receives
     the round's `RoundContext` before `aggregate` (client ids, global model), and `state_dict` /
     `load_state_dict` carry state across rounds (tensors, saved in the checkpoint, so a resumed run
-    continues bitwise). State must change only inside `aggregate`, identically on every rank.
+    continues bitwise). State must change only inside `aggregate`, identically on every rank. A rule
+    that trains on server-held data sets `server_examples`: that many test rows are set aside for it
+    (`RoundContext.server.root_inputs`) and left out of the main-task evaluation.
     """
+
+    server_examples: int = 0
 
     def begin_round(self, context: RoundContext) -> None:
         """Called with the round's context just before `aggregate` (the default ignores it)."""

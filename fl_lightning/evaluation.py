@@ -15,8 +15,7 @@ from torch import Tensor
 
 from fl_lightning.distributed import all_reduce_sum
 from fl_lightning.params import load_flat_params_
-
-_SUBSET_SEED = 0x5E7  # one draw for every run: runs that differ only in their seed see the same examples
+from fl_lightning.server import split_test_rows
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -36,16 +35,18 @@ class Evaluator:
             rank alone evaluates the whole sets (no collective).
         main_subset: Measure the main task on this many test examples, a fixed draw independent of
             the run's seed (0, or at least the test set's size: all of them).
+        server_examples: Test rows set aside for the server (`Aggregator.server_examples`), never
+            evaluated on (`fl_lightning.server.split_test_rows`).
     """
 
     def __init__(self, fabric: Fabric, task: Task, data: FederatedData, batch_size: int, sharded: bool = True,
-                 main_subset: int = 0) -> None:
+                 main_subset: int = 0, server_examples: int = 0) -> None:
         self.fabric, self.task, self.batch_size, self.sharded = fabric, task, batch_size, sharded
         rank, world = (fabric.global_rank, fabric.world_size) if sharded else (0, 1)
         test_inputs, test_targets = data.test_inputs, data.test_targets
-        if 0 < main_subset < test_inputs.shape[0]:
-            keep = torch.randperm(test_inputs.shape[0], generator=torch.Generator().manual_seed(_SUBSET_SEED))
-            keep = keep[:main_subset].sort().values.to(test_inputs.device)
+        keep, _ = split_test_rows(test_inputs.shape[0], main_subset, server_examples)
+        if keep is not None:
+            keep = keep.to(test_inputs.device)
             test_inputs, test_targets = test_inputs[keep], test_targets[keep]
         self.sets = {"main": (test_inputs[rank::world].contiguous(), test_targets[rank::world].contiguous())}
         if data.backdoor_inputs is not None:

@@ -57,6 +57,7 @@ from fl_lightning.metrics import reject_non_finite, round_metrics, summary_lines
 from fl_lightning.params import flat_params
 from fl_lightning.runtime import make_fabric, set_threads, teardown, tune_malloc
 from fl_lightning.sampling import client_seed, sample_clients, server_seed, slots_for_rank
+from fl_lightning.server import ServerModel, split_test_rows
 from fl_lightning.task import FederatedData, Task, TaskName, TaskSettings
 from fl_lightning.types import ClientUpdate, LocalTraining, RoundPlan, RoundUpdates
 
@@ -361,7 +362,10 @@ class Run:
         # Per-step hooks cost a signature inspection per call: only call them if someone listens.
         self.step_hooks = any(type(c).on_after_optimizer_step is not FLCallback.on_after_optimizer_step
                               for c in callbacks)
-        self.evaluate = Evaluator(fabric, task, data, fl.eval_batch_size, main_subset=fl.eval_subset)
+        self.evaluate = Evaluator(fabric, task, data, fl.eval_batch_size, main_subset=fl.eval_subset,
+                                  server_examples=aggregator.server_examples)
+        _, server_rows = split_test_rows(data.test_inputs.shape[0], fl.eval_subset, aggregator.server_examples)
+        self.server = ServerModel.build(fabric, task, data, client, server_rows)
         # `on_before_aggregate` may change rows in place: on every rank, so not in shared memory.
         self.gather = UpdateGatherer(fabric, private=any(
             type(c).on_before_aggregate is not FLCallback.on_before_aggregate for c in callbacks))
@@ -400,7 +404,8 @@ class Run:
             return Aggregate(update=torch.zeros(updates.deltas.shape[1], device=updates.deltas.device),
                              client_weights=None)
         generator = torch.Generator().manual_seed(server_seed(self.seed, round_idx))
-        self.aggregator.begin_round(RoundContext(round_idx, updates.client_ids.cpu(), global_params))
+        self.aggregator.begin_round(RoundContext(round_idx, updates.client_ids.cpu(), global_params,
+                                                 self.server.at_round(round_idx)))
         return self.aggregator(updates.deltas, updates.num_examples, generator)
 
     def log_round(self, round_idx: int, metrics: dict[str, float], rejected: list[int] = ()) -> dict[str, float]:
