@@ -217,6 +217,25 @@ def row_norms(deltas: Tensor) -> Tensor:
     return sq_norms.sqrt().to(deltas.dtype)
 
 
+def row_dots(deltas: Tensor, vector: Tensor) -> Tensor:
+    """`deltas @ vector`, `[n]`, accurate at millions of parameters and independent of the thread count.
+
+    Unlike a norm, a dot product cancels (its terms have both signs), so float32 sums would lose
+    digits: the products are taken in float64 (exact for float32 inputs) by chunks of
+    `SORT_COLUMN_CHUNK` columns (bounding the copy to `[n, SORT_COLUMN_CHUNK]`), each block of
+    `NORM_BLOCK` columns reduced on one thread, so the sums do not depend on the thread count.
+    """
+    n, n_params = deltas.shape
+    total = torch.zeros(n, dtype=torch.float64, device=deltas.device)
+    for start in range(0, n_params, SORT_COLUMN_CHUNK):
+        stop = min(start + SORT_COLUMN_CHUNK, n_params)
+        products = deltas[:, start:stop].to(torch.float64) * vector[start:stop].to(torch.float64)  # [n, cols]
+        num_blocks = products.shape[1] // NORM_BLOCK
+        total += products[:, : num_blocks * NORM_BLOCK].view(n, num_blocks, NORM_BLOCK).sum(dim=2).sum(dim=1)
+        total += products[:, num_blocks * NORM_BLOCK:].sum(dim=1)  # the tail columns
+    return total
+
+
 def sort_columns(block: Tensor) -> Tensor:
     """`block [n, cols]` sorted along dim 0.
 

@@ -264,6 +264,11 @@ def build(fabric: Fabric, plan: FitPlan) -> tuple[Run, RunState]:
     if data.num_clients != plan.fl.num_clients:
         raise ConfigError(f"task {task.name!r} built {data.num_clients} clients, expected "
                           f"--fl.num_clients={plan.fl.num_clients}")
+    try:
+        split_test_rows(data.test_inputs.shape[0], plan.fl.eval_subset, plan.aggregator.server_examples)
+    except ValueError as err:
+        raise ConfigError(f"--fl.eval_subset={plan.fl.eval_subset} with --aggregator "
+                          f"{type(plan.aggregator).__name__}: {err}") from None
     task.to(fabric.device)
     data = data.to(fabric.device)
     run_dir = plan.run_dir or Path(plan.config["out_dir"]) / broadcast_json(

@@ -110,12 +110,15 @@ class ServerModel:
         """This server in round `round_idx` (its learning rate)."""
         return replace(self, round_idx=round_idx)
 
-    def train(self, params: Tensor, generator: torch.Generator) -> Tensor:
+    def train(self, params: Tensor, seed: int) -> Tensor:
         """The update (trained minus `params`) of the round's local training on the server's examples.
+
+        The server trains as an honest client would (`fl_lightning.client.start_client`): torch's
+        global generator (dropout) and the batch order both seeded with `seed`.
 
         Args:
             params: The model to start from, `[n_params]`.
-            generator: Orders the mini-batches.
+            seed: Seeds the training's randomness.
         """
         if self.root_inputs is None:
             raise ValueError("the server holds no examples: the aggregator must ask for them (server_examples)")
@@ -125,7 +128,9 @@ class ServerModel:
             global_params=params, inputs=self.root_inputs, targets=self.root_targets,
             lr=client_lr(client, self.round_idx), lr_scale=lr_scale(client, self.round_idx),
             epochs=client.local_epochs, batch_size=client.batch_size, momentum=client.momentum,
-            weight_decay=client.weight_decay, grad_clip_norm=client.grad_clip_norm, seed=-1, generator=generator)
+            weight_decay=client.weight_decay, grad_clip_norm=client.grad_clip_norm, seed=seed,
+            generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
         load_flat_params_(self.task, params)
         train_epochs(self.fabric, self.task, ctx)
         return flat_params(self.task).sub_(params)
