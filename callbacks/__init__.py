@@ -11,6 +11,7 @@ from fl_lightning.callbacks.clipping import NormClipping, WeakDP
 from fl_lightning.callbacks.coordinatewise import CoordinateMedian, TrimmedMean
 from fl_lightning.callbacks.edge_case import EdgeCaseAttack
 from fl_lightning.callbacks.flame import FLAME
+from fl_lightning.callbacks.fltrust import FLTrust
 from fl_lightning.callbacks.foolsgold import FoolsGold
 from fl_lightning.callbacks.krum import Krum, MultiKrum
 from fl_lightning.callbacks.local_dp import LocalDP
@@ -26,6 +27,7 @@ __all__ = [
     "FedAvg",
     "FLAME",
     "FLCallback",
+    "FLTrust",
     "FoolsGold",
     "GeometricMedian",
     "Krum",
