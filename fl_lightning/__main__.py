@@ -1,4 +1,4 @@
-"""Command line: `python -m fl_lightning fit|validate|sweep|report|claims ...` (jsonargparse, LightningCLI style).
+"""Command line: `python -m fl_lightning fit|validate|sweep|report|claims|defenses ...` (jsonargparse).
 
     python -m fl_lightning fit --task sentiment140                 # the paper's preset
     python -m fl_lightning fit --task toy --fl.rounds=3 --aggregator Krum --aggregator.num_adversaries 1
@@ -9,6 +9,7 @@
     python -m fl_lightning sweep sweeps/toy_smoke.yaml --set fl.rounds=1 --set aggregator=Krum --dry_run
     python -m fl_lightning report runs/toy_smoke runs/other_sweep --group_by aggregator
     python -m fl_lightning claims --quick
+    python -m fl_lightning defenses                                # edge-case attacks vs. the modern defenses
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from fl_lightning.cli import Form, check_names, command_parser, parse_error_line
 from fl_lightning.config import ConfigError
 from fl_lightning.data import DataError
 from fl_lightning.experiments.claims import claims
+from fl_lightning.experiments.defenses import defenses
 from fl_lightning.experiments.report import report
 from fl_lightning.experiments.sweep import sweep
 from fl_lightning.orchestrator import fit, validate
 
-COMMANDS = {"fit": fit, "validate": validate, "sweep": sweep, "report": report, "claims": claims}
+COMMANDS = {"fit": fit, "validate": validate, "sweep": sweep, "report": report, "claims": claims,
+            "defenses": defenses}
 # `--flag` alone is true; `--flag true|false` still works (jsonargparse's bool options need the value).
 FLAG: dict = {"action": ActionYesNo, "nargs": "?"}
 # What the harness's signatures cannot tell jsonargparse, declared as argparse arguments instead:

@@ -236,20 +236,26 @@ class Plan:
     def start_dir(self, task: str, model: str, case: str) -> Path:
         return self.root / "starts" / f"{task}_{model}_{case}".lower()
 
+    def start(self, task: str, model: str, case: str) -> PlannedRun:
+        """The clean start of a (task, model, case)."""
+        return planned(self.start_dir(task, model, case),
+                       [*COMMON, *self.settings[task].start, f"model={model}", f"data.attack_case={case}"])
+
     def starts(self) -> list[PlannedRun]:
         """The clean start of every (task, model, case) that an attack or control starts from."""
-        keys = dict.fromkeys((c.task, c.model, c.case) for c in all_runs(self.preset))
-        return [planned(self.start_dir(*key), [*COMMON, *self.settings[key[0]].start, f"model={key[1]}",
-                                               f"data.attack_case={key[2]}"]) for key in keys]
+        return [self.start(*key) for key in dict.fromkeys((c.task, c.model, c.case) for c in all_runs(self.preset))]
 
     def run_dir(self, condition: Condition) -> Path:
         return self.root / "runs" / condition.task / condition.name
 
+    def phase(self, task: str, model: str, case: str, seed: int) -> list[str]:
+        """The `fit` overrides of an attack phase (or its control) from its clean start, without defense or attack."""
+        return [*COMMON, *self.settings[task].phase, f"model={model}", f"data.attack_case={case}", f"seed={seed}",
+                f"fl.rounds={self.preset.rounds}", f"init_from={self.start_dir(task, model, case)}"]
+
     def run(self, condition: Condition) -> PlannedRun:
         setting = self.settings[condition.task]
-        overrides = [*COMMON, *setting.phase, f"model={condition.model}", f"data.attack_case={condition.case}",
-                     f"seed={condition.seed}", f"fl.rounds={self.preset.rounds}",
-                     f"init_from={self.start_dir(condition.task, condition.model, condition.case)}",
+        overrides = [*self.phase(condition.task, condition.model, condition.case, condition.seed),
                      *DEFENSES[condition.defense]]
         if condition.attack != "none":
             overrides += ["callbacks+=EdgeCaseAttack", f"callbacks.mode={condition.attack}",
