@@ -9,8 +9,11 @@ from fl_lightning.aggregation import Aggregator, FedAvg
 from fl_lightning.callbacks.bulyan import Bulyan
 from fl_lightning.callbacks.clipping import NormClipping, WeakDP
 from fl_lightning.callbacks.coordinatewise import CoordinateMedian, TrimmedMean
+from fl_lightning.callbacks.crfl import CRFL
+from fl_lightning.callbacks.deepsight import DeepSight
 from fl_lightning.callbacks.edge_case import EdgeCaseAttack
 from fl_lightning.callbacks.flame import FLAME
+from fl_lightning.callbacks.fldetector import FLDetector
 from fl_lightning.callbacks.fltrust import FLTrust
 from fl_lightning.callbacks.foolsgold import FoolsGold
 from fl_lightning.callbacks.krum import Krum, MultiKrum
@@ -23,10 +26,13 @@ __all__ = [
     "Aggregator",
     "Bulyan",
     "CoordinateMedian",
+    "CRFL",
+    "DeepSight",
     "EdgeCaseAttack",
     "FedAvg",
     "FLAME",
     "FLCallback",
+    "FLDetector",
     "FLTrust",
     "FoolsGold",
     "GeometricMedian",

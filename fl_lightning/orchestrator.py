@@ -438,8 +438,19 @@ def validate(
     accelerator: str = "auto",
     devices: int = 1,
     eval_batch_size: int | None = None,
+    smoothing_samples: int = 0,
+    smoothing_sigma: float = 0.01,
+    smoothing_alpha: float = 0.001,
+    certify_attack_round: int | None = None,
+    certify_attackers: int = 1,
+    certify_weight: float | None = None,
+    certify_scale: float = 1.0,
+    certify_poison_fraction: float = 0.05,
+    certify_local_steps: float | None = None,
+    certify_lr: float | None = None,
+    certify_lipschitz: float | None = None,
 ) -> dict[str, float]:
-    """Evaluates a saved global model: main-task and backdoor accuracy.
+    """Evaluates a saved global model: main-task and backdoor accuracy, and optionally CRFL's parameter smoothing.
 
     Args:
         checkpoint: A run directory (its final model, else its last checkpoint) or a checkpoint file;
@@ -448,9 +459,27 @@ def validate(
         accelerator: `cpu`, `gpu`, `cuda` or `auto`.
         devices: Processes to shard the evaluation over.
         eval_batch_size: Evaluation batch size; None: the run's.
+        smoothing_samples: M, the noisy models `w_T + N(0, σ_T^2 I)` whose majority vote is the smoothed
+            prediction (CRFL, Xie et al., ICML 2021; the paper: 1000); 0: no smoothing.
+        smoothing_sigma: σ_T, the smoothing noise per parameter (the paper: 0.01).
+        smoothing_alpha: The certificate holds with probability 1 - α (Clopper-Pearson; the paper: 0.001).
+        certify_attack_round: t_adv, the round of the attack the radius assumes; None: the checkpoint's
+            round - 1 (the smallest radius).
+        certify_attackers: R, the attackers in that round.
+        certify_weight: p_i, each attacker's aggregation weight; None: 1 / the run's clients per round.
+        certify_scale: γ, the attackers' scale factor (1: no boosting; the paper: 10 or 100).
+        certify_poison_fraction: q_B / n_B, the share of backdoored examples in an attacker's batch (the paper: 0.05).
+        certify_local_steps: τ, the attackers' local iterations; None: the run's local epochs × batches of a
+            mean-sized client.
+        certify_lr: η, their local learning rate; None: the run's round-1 lr.
+        certify_lipschitz: L_Z, the Lipschitz constant of the loss gradient in the input; None: the CRFL
+            reference's sqrt(2 + 2ρ + ρ^2) at ρ = ρ_{t_adv}.
 
     Returns:
-        The metrics (`main_acc`, `main_loss`, `backdoor_acc`, `eval_seconds`).
+        The metrics (`main_acc`, `main_loss`, `backdoor_acc`, `eval_seconds`); with smoothing also
+        `smoothed_main_acc`, `smoothed_backdoor_acc`, `certified_main_acc` (correct and certified) and
+        `certified_radius_mean` (the mean certified radius, 0 for wrong or abstained examples, and for runs
+        not trained with CRFL), from `fl_lightning.callbacks.crfl`.
     """
     try:
         path = find_checkpoint(checkpoint)
@@ -463,6 +492,14 @@ def validate(
     check_launch(accelerator, devices, 1, None)
     if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or eval_batch_size < 1):
         raise ConfigError(f"--eval_batch_size={eval_batch_size}: must be an integer >= 1")
+    from fl_lightning.callbacks.crfl import run_radius, smoothing_metrics, smoothing_problems
+    from fl_lightning.config import raise_problems
+    from fl_lightning.sampling import derive_seed
+
+    certify = dict(attack_round=certify_attack_round, attackers=certify_attackers, weight=certify_weight,
+                   scale=certify_scale, poison_fraction=certify_poison_fraction, local_steps=certify_local_steps,
+                   lr=certify_lr, lipschitz=certify_lipschitz)
+    raise_problems(smoothing_problems(smoothing_samples, smoothing_sigma, smoothing_alpha, **certify))
     with open(config_path) as handle:
         config = yaml.safe_load(handle)
     task_cls = Task.by_name(config["task"])
@@ -484,7 +521,14 @@ def validate(
             built = task.build_data()
         task.to(fabric.device)
         params, saved = load_checkpoint(path)
-        metrics = Evaluator(fabric, task, built.to(fabric.device), fl.eval_batch_size)(params.to(fabric.device))
+        evaluator = Evaluator(fabric, task, built.to(fabric.device), fl.eval_batch_size)
+        metrics = evaluator(params.to(fabric.device))
+        if smoothing_samples:  # CRFL's parameter smoothing: same M noisy models on every rank, from the run's seed
+            radius = run_radius(config, saved["round_idx"], built, smoothing_sigma, **certify)
+            metrics |= smoothing_metrics(fabric, task, evaluator.sets, params.to(fabric.device, torch.float32),
+                                         samples=smoothing_samples, sigma=smoothing_sigma, alpha=smoothing_alpha,
+                                         seed=derive_seed(0xC4F1, config["seed"], saved["round_idx"]),
+                                         batch_size=fl.eval_batch_size, radius=radius)
         fabric.print(f"{path} (round {saved['round_idx']}): " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     finally:
         teardown(fabric)

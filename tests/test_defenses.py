@@ -779,9 +779,13 @@ def test_foolsgold_zeroes_a_sybil_pair_over_rounds_and_restores_its_state():
     assert torch.equal(restored.histories, rule.histories) and torch.equal(restored.client_ids, rule.client_ids)
 
 
-@pytest.mark.parametrize("rule", ["FLAME", "FoolsGold"])  # FoolsGold's histories travel in the checkpoint
-def test_later_rules_through_the_cli_resume_bitwise(tmp_path, rule):
-    common = ["fit", "--task", "toy", "--fl.rounds", "4", "--fl.checkpoint_every", "1", "--aggregator", rule,
+# FoolsGold's histories travel in the checkpoint, FLTrust's server trains from the round's seed, DeepSight's
+# probes are drawn from it, CRFL's noise too (CRFL around FedAvg flags no update, so reports no detection).
+# FLDetector's window resumes in tests/test_fldetector.py, with a window short enough to detect.
+@pytest.mark.parametrize(("rule", "options"), [("FoolsGold", ()), ("FLTrust", ()),
+                                               ("DeepSight", ("--aggregator.num_samples", "200")), ("CRFL", ())])
+def test_later_rules_through_the_cli_resume_bitwise(tmp_path, rule, options):
+    common = ["fit", "--task", "toy", "--fl.rounds", "4", "--fl.checkpoint_every", "1", "--aggregator", rule, *options,
               "--log.logger", "csv", "--log.progress_bar", "false", "--num_threads", "1"]
     run_cli(*common, "--name", "straight", cwd=tmp_path)
     killer = ("--callbacks+=fl_test_callbacks.KillMidRound", "--callbacks.round_idx=3", "--callbacks.slot=1",
@@ -789,7 +793,7 @@ def test_later_rules_through_the_cli_resume_bitwise(tmp_path, rule):
     assert run_cli(*common, *killer, "--name", "killed", cwd=tmp_path, check=False).returncode != 0
     run_cli("fit", "--resume", str(tmp_path / "runs" / "killed"), cwd=tmp_path)
     assert torch.equal(final_model(tmp_path / "runs" / "killed"), final_model(tmp_path / "runs" / "straight"))
-    assert "detection_fpr" in read_metrics(tmp_path / "runs" / "straight")[1]
+    assert rule == "CRFL" or "detection_fpr" in read_metrics(tmp_path / "runs" / "straight")[1]
 
 
 # ----- LocalDP (Naseri et al., NDSS 2022) -----

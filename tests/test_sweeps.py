@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from cli_helpers import run_main
 
@@ -314,3 +315,16 @@ def test_a_run_in_a_reused_worker_equals_one_in_a_fresh_process(tmp_path):
     assert torch.equal(final_model(tmp_path / "runs" / "reused"), final_model(tmp_path / "runs" / "fresh"))
     assert "error: unknown task 'nope'" in log.read_text() and "final model" in log.read_text()
     assert not Worker.takes(["--devices=2"]) and Worker.takes(["--devices", "1"]) and Worker.takes([])
+
+
+def test_an_attack_scheduled_after_the_last_round_is_the_control(capsys, tmp_path, monkeypatch):
+    """The modern-defenses sweeps' control: bitwise the run without the attacker."""
+    from cli_helpers import final_model
+
+    monkeypatch.chdir(tmp_path)
+    common = ("fit", "--task", "toy", "--fl.rounds", "2", "--log.logger", "csv", "--log.progress_bar", "false",
+              "--aggregator", "FLTrust")
+    assert run_main(capsys, *common, "--name", "plain")[0] == 0
+    assert run_main(capsys, *common, "--callbacks+=EdgeCaseAttack", "--callbacks.start_round", "1000000",
+                    "--name", "scheduled_late")[0] == 0
+    assert torch.equal(final_model(tmp_path / "runs" / "plain"), final_model(tmp_path / "runs" / "scheduled_late"))
