@@ -248,10 +248,11 @@ class Plan:
     def run_dir(self, condition: Condition) -> Path:
         return self.root / "runs" / condition.task / condition.name
 
-    def phase(self, task: str, model: str, case: str, seed: int) -> list[str]:
-        """The `fit` overrides of an attack phase (or its control) from its clean start, without defense or attack."""
+    def phase(self, task: str, model: str, case: str, seed: int, rounds: int | None = None) -> list[str]:
+        """The `fit` overrides of an attack phase (or its control) from its clean start, without defense or attack
+        (`rounds`: the phase's length; None: the preset's)."""
         return [*COMMON, *self.settings[task].phase, f"model={model}", f"data.attack_case={case}", f"seed={seed}",
-                f"fl.rounds={self.preset.rounds}", f"init_from={self.start_dir(task, model, case)}"]
+                f"fl.rounds={rounds or self.preset.rounds}", f"init_from={self.start_dir(task, model, case)}"]
 
     def run(self, condition: Condition) -> PlannedRun:
         setting = self.settings[condition.task]
