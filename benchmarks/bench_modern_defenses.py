@@ -6,8 +6,9 @@ across repeats as it would across rounds. FLTrust's aggregation is timed with a 
 (a random vector); its server update itself trains the task's model, so `--server_update` times it
 against one honest client's training on emnist (MNIST at the claims check's density and settings).
 DeepSight is left out: it runs the task's model on random inputs, so its cost is forward passes
-of a real model, not a function of these sizes (its timing is in `benchmarks/README.md`). Medians over repeats, the rules taken in turn so that a slow spell of a
-shared machine hits all of them. The target of issue 16: at most 0.5 s a round at
+of a real model, not a function of these sizes (its timing is in `benchmarks/README.md`). Medians
+over repeats, the rules taken in turn so that a slow spell of a shared machine hits all of them.
+The target of issue 16: at most 0.5 s a round at
 30 x 1,199,882 on 2 cores, a tenth of a W-EMNIST round.
 
 Usage:

@@ -24,8 +24,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg, RoundContext
-from fl_lightning.config import ComponentError, FLArgs, check_argument, check_finite
+from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg, Wrapper
+from fl_lightning.config import check_argument, check_finite
 from fl_lightning.kernels import row_norms, weighted_sum
 
 
@@ -53,7 +53,7 @@ def clip_factors(deltas: Tensor, norm_bound: float) -> Tensor:
     return (row_norms(deltas) / norm_bound).clamp_min(1.0)
 
 
-class NormClipping(Aggregator):
+class NormClipping(Wrapper):
     """Norm-difference clipping: every update is clipped to `norm_bound`, then `inner` aggregates them.
 
     Args:
@@ -63,23 +63,8 @@ class NormClipping(Aggregator):
 
     def __init__(self, norm_bound: float = 2.0, inner: Aggregator | None = None) -> None:
         check_argument(self, "norm_bound", check_finite, norm_bound, positive=True)
-        if inner is not None and not isinstance(inner, Aggregator):
-            raise ComponentError(type(self).__name__, "inner", f"{type(self).__name__} inner must be an Aggregator "
-                                                                f"or None, got {inner!r}")
+        super().__init__(inner)
         self.norm_bound = norm_bound
-        self.inner = inner if inner is not None else FedAvg()  # stored resolved, so the saved config says FedAvg
-
-    def check_run(self, fl: FLArgs) -> None:
-        self.inner.check_run(fl)
-
-    def begin_round(self, context: RoundContext) -> None:
-        self.inner.begin_round(context)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.inner.load_state_dict(state)
 
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
         if type(self.inner) is FedAvg:

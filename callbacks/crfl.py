@@ -60,14 +60,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.special import erf
-from scipy.stats import beta
 from torch import Tensor
 
-from fl_lightning.aggregation import Aggregate, Aggregator, FedAvg, RoundContext
+from fl_lightning.aggregation import Aggregate, Aggregator, RoundContext, Wrapper
 from fl_lightning.callbacks.clipping import clip_factors
 from fl_lightning.config import (
-    ComponentError,
     ConfigError,
     FLArgs,
     check_argument,
@@ -85,7 +82,7 @@ if TYPE_CHECKING:
     from fl_lightning.task import FederatedData, Task
 
 
-class CRFL(Aggregator):
+class CRFL(Wrapper):
     """CRFL training: `inner` aggregates, the new global model is clipped to ρ_t, then N(0, stddev^2) noise is added.
 
     Args:
@@ -102,12 +99,9 @@ class CRFL(Aggregator):
         check_argument(self, "bound_start", check_finite, bound_start, positive=True)
         check_argument(self, "bound_growth", check_finite, bound_growth, positive=False)
         check_argument(self, "stddev", check_finite, stddev, positive=False)
-        if inner is not None and not isinstance(inner, Aggregator):
-            raise ComponentError(type(self).__name__, "inner", f"{type(self).__name__} inner must be an Aggregator "
-                                                                f"or None, got {inner!r}")
+        super().__init__(inner)
         self.norm_bound, self.bound_start, self.bound_growth = norm_bound, bound_start, bound_growth
         self.stddev = stddev
-        self.inner = inner if inner is not None else FedAvg()  # stored resolved, so the saved config says FedAvg
         self._context: RoundContext | None = None
 
     def bound(self, round_idx: int) -> float:
@@ -118,17 +112,11 @@ class CRFL(Aggregator):
         if fl.server_lr != 1.0:
             raise ConfigError(f"--fl.server_lr={fl.server_lr}: CRFL clips the new global model w + update, which "
                               f"needs a server step of 1.0 (the paper has none)")
-        self.inner.check_run(fl)
+        super().check_run(fl)
 
     def begin_round(self, context: RoundContext) -> None:
         self._context = context
-        self.inner.begin_round(context)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.inner.load_state_dict(state)
+        super().begin_round(context)
 
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
         if self._context is None:
@@ -187,6 +175,8 @@ def clopper_pearson_lower(successes: np.ndarray, trials: int, alpha: float) -> n
     """
     successes = np.asarray(successes, dtype=np.float64)
     with np.errstate(invalid="ignore"):
+        from scipy.stats import beta  # imported here: only certification needs scipy
+
         bound = beta.ppf(alpha, successes, trials - successes + 1)
     return np.where(successes > 0, bound, 0.0)
 
@@ -215,7 +205,7 @@ def contraction(bounds: Sequence[float], sigma: float, smoothing_sigma: float) -
     `2 Φ(x) - 1 = erf(x / √2)`; a zero σ gives a factor of 1 (no noise contracts nothing).
     """
     def factor(rho: float, std: float) -> float:
-        return 1.0 if std == 0 else float(erf(rho / std / math.sqrt(2.0)))
+        return 1.0 if std == 0 else math.erf(rho / std / math.sqrt(2.0))
 
     return math.prod(factor(rho, sigma) for rho in bounds[:-1]) * factor(bounds[-1], smoothing_sigma)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from fl_lightning.config import ComponentError
 from fl_lightning.kernels import weighted_sum
 
 if TYPE_CHECKING:
@@ -148,3 +149,31 @@ class FedAvg(Aggregator):
     def aggregate(self, deltas: Tensor, weights: Tensor, generator: torch.Generator) -> Aggregate:
         client_weights = weights / weights.sum()  # [n]
         return Aggregate(update=weighted_sum(deltas, client_weights), client_weights=client_weights)
+
+
+class Wrapper(Aggregator):
+    """A rule around an inner aggregator (norm clipping, weak DP, CRFL): the inner rule's checks, round
+    context and state pass through it.
+
+    Args:
+        inner: The aggregator the wrapper runs; None means FedAvg (stored resolved, so the saved config
+            says FedAvg).
+    """
+
+    def __init__(self, inner: Aggregator | None = None) -> None:
+        if inner is not None and not isinstance(inner, Aggregator):
+            raise ComponentError(type(self).__name__, "inner", f"{type(self).__name__} inner must be an Aggregator "
+                                                                f"or None, got {inner!r}")
+        self.inner = inner if inner is not None else FedAvg()
+
+    def check_run(self, fl: FLArgs) -> None:
+        self.inner.check_run(fl)
+
+    def begin_round(self, context: RoundContext) -> None:
+        self.inner.begin_round(context)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.inner.load_state_dict(state)
