@@ -6,7 +6,8 @@ accuracy against communication rounds, one line per attack or defense, the targe
 smoothed by a rolling mean over 10 rounds (`min_periods=1`, as the authors' plotting notebook does).
 The Markdown table gives, per run or per group of runs with the same swept values (seeds averaged):
 final main-task accuracy, final, last-10-round and best backdoor accuracy, the mean backdoor accuracy
-over all rounds, and the rounds the smoothed backdoor curve takes to reach 50 %.
+over all rounds, the backdoor's lifespan (`lifespan`), and the rounds the smoothed backdoor curve
+takes to reach 50 %.
 
 A directory is read as a sweep when it holds `index.jsonl` (written by `sweep`), as a run when it
 holds `metrics.csv`, and otherwise searched for both. Figures are drawn with matplotlib's Agg canvas
@@ -29,6 +30,7 @@ from fl_lightning.experiments.sweep import INDEX_JSONL, read_index, short_class_
 
 SMOOTH_WINDOW = 10
 DETECTION = ("detection_tpr", "detection_fpr")
+ATTACK_COLUMNS = ("num_adversaries", "attacked")  # averaged over a group's runs: > 0 where any run was attacked
 THRESHOLD = 0.5
 # Settings that say where or how a run ran, not what it measured: never a reason to tell runs apart.
 BOOKKEEPING = ("name", "out_dir", "data_dir", "resume", "init_from", "accelerator", "devices", "num_nodes",
@@ -67,6 +69,46 @@ def rounds_to(metrics: pd.DataFrame, threshold: float = THRESHOLD, window: int =
     return int(reached.iloc[0]) if len(reached) else None
 
 
+def attack_rows(metrics: pd.DataFrame) -> pd.Series | None:
+    """Which rows had an attacker: `num_adversaries` > 0, else an attack callback's `attacked` mark; None: unknown."""
+    for column in ("num_adversaries", "attacked"):
+        if column in metrics:
+            return metrics[column].fillna(0) > 0
+    return None
+
+
+def lifespan(metrics: pd.DataFrame, control: pd.DataFrame | None = None) -> int | None:
+    """BackFed's backdoor lifespan: rounds after the last attacked round until the backdoor accuracy
+    falls below half its value at that round; None if it never does within the run (or nothing was attacked).
+
+    The last attacked round R is the last row with `num_adversaries` > 0 (else `attacked` > 0), and
+    the reference value v the backdoor accuracy at R (the global model after R's aggregation; with
+    `eval_every` > 1, at the first evaluated round from R on). The lifespan is r − R for the first
+    evaluated round r after it with accuracy < v / 2. With a `control` (the same run without the
+    attacker) the lift, backdoor_acc − the control's backdoor_acc at the same round (rounds evaluated
+    in both), is used instead of the raw accuracy. A backdoor that is not there at R (v <= 0) has
+    lifespan 0.
+    """
+    attacked = attack_rows(metrics)
+    if attacked is None or not attacked.any():
+        return None
+    last_attack = int(metrics["round"][attacked].max())
+    values = metrics[["round", "backdoor_acc"]].dropna()
+    if control is not None:
+        baseline = control[["round", "backdoor_acc"]].dropna().rename(columns={"backdoor_acc": "control_acc"})
+        values = values.merge(baseline, on="round", how="inner")
+        values = values.assign(backdoor_acc=values["backdoor_acc"] - values["control_acc"])
+    values = values[values["round"] >= last_attack].sort_values("round")
+    if values.empty:
+        return None
+    reference = float(values["backdoor_acc"].iloc[0])
+    if reference <= 0:
+        return 0
+    later = values.iloc[1:]
+    fallen = later["round"][later["backdoor_acc"] < reference / 2]
+    return int(fallen.iloc[0]) - last_attack if len(fallen) else None
+
+
 def summarize(metrics: pd.DataFrame, window: int = SMOOTH_WINDOW) -> dict[str, Any]:
     """The table's numbers for one run (or one averaged group curve); accuracies are fractions."""
     backdoor, after_start = metrics["backdoor_acc"], metrics["round"] > 0
@@ -80,6 +122,9 @@ def summarize(metrics: pd.DataFrame, window: int = SMOOTH_WINDOW) -> dict[str, A
         "mean_backdoor": float(backdoor[after_start].mean()) if after_start.any() else float(backdoor.mean()),
         "mean_main": float(metrics["main_acc"][after_start].mean()) if after_start.any() else float("nan"),
         "rounds_to_50": rounds_to(metrics, THRESHOLD, window),
+        # Raw backdoor accuracy (no control run); None: never fell to half, or no round was attacked.
+        "lifespan": lifespan(metrics),
+        "attacked": bool(attack_rows(metrics) is not None and attack_rows(metrics).any()),
         # Detection (defenses that exclude updates): the mean over the rounds that have it (TPR: attacked rounds).
         **{c: float(metrics[c].mean()) if c in metrics and metrics[c].notna().any() else None for c in DETECTION},
     }
@@ -160,7 +205,7 @@ class Group:
     @property
     def curve(self) -> pd.DataFrame:
         columns = ["round", "main_acc", "backdoor_acc"]
-        columns += [c for c in DETECTION if all(c in run.metrics for run in self.runs)]
+        columns += [c for c in (*DETECTION, *ATTACK_COLUMNS) if all(c in run.metrics for run in self.runs)]
         return mean_by_round([run.metrics[columns] for run in self.runs])
 
 
@@ -183,10 +228,17 @@ def percent(value: float | None) -> str:
 
 
 def markdown_table(groups: list[Group], keys: list[str], window: int = SMOOTH_WINDOW) -> str:
-    """One row per group: its key values, run count and the summary numbers (accuracies in %)."""
+    """One row per group: its key values, run count and the summary numbers (accuracies in %).
+
+    The lifespan column is `lifespan` of the group's mean curve on the raw backdoor accuracy (no
+    control run: the report does not know which run is whose control), counted from the last round
+    any of the group's runs was attacked; "never" when it did not fall to half, "—" without attacks.
+    `read_metrics` keeps only evaluated rows, so with `--fl.eval_every` > 1 that is the last evaluated
+    attacked round.
+    """
     header = [*(short_key(k) for k in keys), "runs", "rounds", "final main %", "final backdoor %",
               f"backdoor %, last {window} rounds", "best backdoor %", "mean backdoor %",
-              f"rounds to {100 * THRESHOLD:.0f}% backdoor (smoothed)"]
+              "backdoor lifespan (rounds)", f"rounds to {100 * THRESHOLD:.0f}% backdoor (smoothed)"]
     summaries = [summarize(group.curve, window) for group in groups]
     detection = any(stats[c] is not None for stats in summaries for c in DETECTION)
     if detection:
@@ -197,6 +249,7 @@ def markdown_table(groups: list[Group], keys: list[str], window: int = SMOOTH_WI
                  str(stats["rounds"]), percent(stats["final_main"]), percent(stats["final_backdoor"]),
                  percent(stats["smoothed_backdoor"]), percent(stats["best_backdoor"]),
                  percent(stats["mean_backdoor"]),
+                 ("never" if stats["attacked"] else "—") if stats["lifespan"] is None else str(stats["lifespan"]),
                  "never" if stats["rounds_to_50"] is None else str(stats["rounds_to_50"])]
         if detection:
             cells += [percent(stats[c]) for c in DETECTION]
