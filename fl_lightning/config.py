@@ -8,6 +8,7 @@ run exactly. Each field's docstring becomes its `--help` text.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import sys
@@ -264,6 +265,15 @@ def component_config(obj: Any) -> dict[str, Any]:
     exported = library is not None and getattr(library, cls.__name__, None) is cls
     path = f"fl_lightning.callbacks.{cls.__name__}" if exported else f"{cls.__module__}.{cls.__qualname__}"
     return {"class_path": path, "init_args": init_args}
+
+
+def component_from_config(config: Any) -> Any:
+    """The component a `component_config` dict describes, built again (nested ones too); other values as they are."""
+    if not (isinstance(config, dict) and "class_path" in config):
+        return config
+    module, _, name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**{key: component_from_config(value) for key, value in config.get("init_args", {}).items()})
 
 
 def group_dict(args: Any) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from fl_lightning.config import (
     FLArgs,
     LogArgs,
     component_config,
+    component_from_config,
     group_dict,
     validate_args,
 )
@@ -521,7 +522,10 @@ def validate(
             built = task.build_data()
         task.to(fabric.device)
         params, saved = load_checkpoint(path)
-        evaluator = Evaluator(fabric, task, built.to(fabric.device), fl.eval_batch_size)
+        # The test rows a rule trained on at the server (FLTrust's root set) stay out, as in the run.
+        aggregator = component_from_config(config.get("aggregator"))
+        evaluator = Evaluator(fabric, task, built.to(fabric.device), fl.eval_batch_size,
+                              server_examples=getattr(aggregator, "server_examples", 0))
         metrics = evaluator(params.to(fabric.device))
         if smoothing_samples:  # CRFL's parameter smoothing: same M noisy models on every rank, from the run's seed
             radius = run_radius(config, saved["round_idx"], built, smoothing_sigma, **certify)

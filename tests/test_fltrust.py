@@ -104,12 +104,25 @@ def test_the_server_trains_as_a_client_on_its_root_set_which_evaluation_leaves_o
     assert ctx.lr == pytest.approx(client.lr * 0.25)
 
 
-def test_fltrust_through_the_cli_trains_on_rows_it_never_evaluates(tmp_path):
+def test_fltrust_through_the_cli_trains_on_rows_it_never_evaluates(tmp_path, capsys, monkeypatch):
+    import fl_lightning.tasks  # noqa: F401  (registers the tasks, as the CLI does)
+    from fl_lightning.evaluation import Evaluator
+    from fl_lightning.orchestrator import validate
+
     common = ("fit", "--task", "toy", "--fl.rounds", "2", "--callbacks+=EdgeCaseAttack", "--callbacks.attack_every",
               "1", "--log.logger", "csv", "--log.progress_bar", "false", "--num_threads", "1")
     run_cli(*common, "--aggregator", "FLTrust", "--aggregator.root_size", "50", "--name", "fltrust", cwd=tmp_path)
     rows = read_metrics(tmp_path / "runs" / "fltrust")
     assert all(row["detection_tpr"] in ("0.0", "1.0") for row in rows[1:])  # one attacker a round: flagged or not
+    # validate leaves the root rows out too, and so repeats the run's own last measurement.
+    from fl_lightning import orchestrator
+
+    built = []
+    monkeypatch.setattr(orchestrator, "Evaluator", lambda *args, **kwargs: built.append(kwargs) or Evaluator(*args,
+                                                                                                          **kwargs))
+    monkeypatch.chdir(tmp_path)
+    assert validate(checkpoint="runs/fltrust")["main_acc"] == float(rows[-1]["main_acc"])
+    assert built[0]["server_examples"] == 50
     bad = run_cli(*common, "--aggregator", "FLTrust", "--aggregator.root_size", "0", "--name", "bad", cwd=tmp_path,
                   check=False)
     assert bad.returncode == 2 and "root_size" in bad.stderr and not (tmp_path / "runs" / "bad").exists()
