@@ -2,7 +2,8 @@
 
 Each rule aggregates the same random updates (`bench_defenses.make_updates`); FoolsGold and any other
 rule with a round context gets one (client ids 0..n-1, a zero global model), and keeps its state
-across repeats as it would across rounds. FLTrust's aggregation is timed with a fixed server update
+across repeats as it would across rounds; FLDetector is timed once its window is full (its first
+N + 1 rounds, untimed, detect nothing). FLTrust's aggregation is timed with a fixed server update
 (a random vector); its server update itself trains the task's model, so `--server_update` times it
 against one honest client's training on emnist (MNIST at the claims check's density and settings).
 DeepSight is left out: it runs the task's model on random inputs, so its cost is forward passes
@@ -50,15 +51,28 @@ def rules(n: int) -> dict[str, Aggregator]:
 def bench(n: int, n_params: int, repeats: int) -> list[tuple[str, float]]:
     deltas, weights = make_updates(n, n_params)
     server = FixedServer(deltas.mean(dim=0) + 0.1 * torch.randn(n_params, generator=torch.Generator().manual_seed(1)))
-    context = RoundContext(1, torch.arange(n), torch.zeros(n_params), server)
-    timed: dict[str, list[float]] = {}
     candidates = rules(n)
+    models = {name: torch.zeros(n_params) for name in candidates}  # each rule's global model, stepped by its rule
+    rounds = dict.fromkeys(candidates, 0)
+
+    def one_round(name: str) -> float:
+        rule, rounds[name] = candidates[name], rounds[name] + 1
+        # The example counts change every round, so the aggregate updates differ from round to round (as
+        # FLDetector's window of update differences needs) without a second [n, n_params] copy.
+        rule.begin_round(RoundContext(rounds[name], torch.arange(n), models[name], server))
+        started = time.perf_counter()
+        result = rule(deltas, weights + rounds[name], torch.Generator().manual_seed(rounds[name]))
+        seconds = time.perf_counter() - started
+        result.apply_(models[name], 1.0)
+        return seconds
+
+    for name, rule in candidates.items():  # rules that learn over a window are timed once it is full
+        for _ in range(getattr(rule, "window", -1) + 1):
+            one_round(name)
+    timed: dict[str, list[float]] = {}
     for _ in range(repeats):
-        for name, rule in candidates.items():
-            rule.begin_round(context)
-            started = time.perf_counter()
-            rule(deltas, weights, torch.Generator().manual_seed(0))
-            timed.setdefault(name, []).append(time.perf_counter() - started)
+        for name in candidates:
+            timed.setdefault(name, []).append(one_round(name))
     return [(name, statistics.median(times)) for name, times in timed.items()]
 
 

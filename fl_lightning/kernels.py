@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -250,13 +251,28 @@ def sort_columns(block: Tensor) -> Tensor:
 
 def by_column_chunks(rows: Tensor, reduce: Callable[[Tensor], Tensor], chunk: int | None = None) -> Tensor:
     """Applies a column-wise `reduce` (`[n, cols] -> [cols]`) by chunks of `chunk` columns on the CPU
-    (bounding the sorted copy; None: `SORT_COLUMN_CHUNK`), at once on GPUs."""
+    (bounding the sorted copy; None: `SORT_COLUMN_CHUNK`), at once on GPUs.
+
+    On the CPU the chunks are spread over `torch.get_num_threads()` threads: numpy's sort, the bulk of
+    the work, runs on one core and releases the GIL. Each chunk is reduced alone, by the same
+    operations, so the result does not depend on the thread count.
+    """
     if rows.device.type != "cpu":  # memory is not the limit there, and every chunk would cost kernel launches
         return reduce(rows)
     chunk = SORT_COLUMN_CHUNK if chunk is None else chunk
     out = torch.empty(rows.shape[1], dtype=rows.dtype)
-    for start in range(0, rows.shape[1], chunk):
+    starts = range(0, rows.shape[1], chunk)
+
+    def fill(start: int) -> None:
         out[start:start + chunk] = reduce(rows[:, start:start + chunk])
+
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        for start in starts:
+            fill(start)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fill, starts))  # list(): re-raises a chunk's exception here
     return out
 
 
