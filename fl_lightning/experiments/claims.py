@@ -336,19 +336,20 @@ class Results:
 
     def lift(self, condition: Condition) -> Estimate:
         """Backdoor accuracy over the control, mean over rounds 1..R, in points, per seed."""
-        values = []
-        for seed in self.seeds:
-            attack, control = self.curves[replace(condition, seed=seed)], self.curves[replace(condition.control,
-                                                                                             seed=seed)]
-            both = attack.merge(control, on="round", suffixes=("", "_control"))
-            after = both[both["round"] > 0]
-            values.append(100 * float((after["backdoor_acc"] - after["backdoor_acc_control"]).mean()))
-        return Estimate(tuple(values))
+        return Estimate(tuple(lift(self.curves[replace(condition, seed=seed)],
+                                   self.curves[replace(condition.control, seed=seed)]) for seed in self.seeds))
 
     def main(self, condition: Condition) -> Estimate:
         """Main-task accuracy at the last round, in %, per seed."""
         return Estimate(tuple(100 * float(self.curves[replace(condition, seed=s)]["main_acc"].iloc[-1])
                               for s in self.seeds))
+
+
+def lift(attack: pd.DataFrame, control: pd.DataFrame) -> float:
+    """An attack run's backdoor accuracy over its control's, mean over rounds 1..R, in points."""
+    both = attack.merge(control, on="round", suffixes=("", "_control"))
+    after = both[both["round"] > 0]
+    return 100 * float((after["backdoor_acc"] - after["backdoor_acc_control"]).mean())
 
 
 def verdict(ok: bool) -> str:

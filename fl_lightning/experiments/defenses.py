@@ -37,7 +37,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from fl_lightning.config import check_int, raise_problems
-from fl_lightning.experiments.claims import PRESETS, Plan, check_starts, execute, planned
+from fl_lightning.experiments.claims import PRESETS, Plan, check_starts, execute, lift, planned
 from fl_lightning.experiments.report import read_metrics
 from fl_lightning.experiments.sweep import PlannedRun, check_runs, parse_overrides
 
@@ -99,13 +99,6 @@ def attacked_mean(metrics: pd.DataFrame, column: str) -> float:
         return math.nan
     attacked = metrics[metrics["num_adversaries"].fillna(0) > 0]
     return float(attacked[column].mean()) if len(attacked) else math.nan
-
-
-def lift(attack: pd.DataFrame, control: pd.DataFrame) -> float:
-    """Backdoor accuracy over the control, mean over rounds 1..R, in points."""
-    both = attack.merge(control, on="round", suffixes=("", "_control"))
-    after = both[both["round"] > 0]
-    return 100 * float((after["backdoor_acc"] - after["backdoor_acc_control"]).mean())
 
 
 def rate(value: float) -> str:
